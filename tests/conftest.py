@@ -1,0 +1,24 @@
+"""Test isolation: nothing touches the working directory, the user's files or the network."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.tiny_models"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Point every Mem_Chat path at a fresh tmp folder and run from there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("MEMCHAT_HOME", str(home))
+    monkeypatch.delenv("MEMCHAT_STORAGE_DIR", raising=False)
+    monkeypatch.delenv("MEMCHAT_KEY", raising=False)
+    monkeypatch.delenv("MEMCHAT_PASSPHRASE", raising=False)
+    monkeypatch.chdir(home)
+    return home
