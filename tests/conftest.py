@@ -7,6 +7,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Derived artefacts (ONNX exports, dequantised GGUF) are rebuilt on demand: keep them in the repo, not ~.
+os.environ.setdefault(
+    "MEMCHAT_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "memchat")
+)
 
 pytest_plugins = ["tests.tiny_models"]
 
