@@ -1,0 +1,175 @@
+"""Mem_Chat RAG: chat with your PDFs, privately.
+
+    python main.py                      # start the Streamlit app (same as: streamlit run main.py)
+    python main.py add FILE.pdf ...     # add or update PDFs in encrypted_faiss_storage/
+    python main.py list                 # documents, versions, pages, chunks
+    python main.py remove NAME          # remove a document and its chunks
+    python main.py ask "QUESTION"       # answer with citations on stdout
+
+Every subcommand has --help. Errors: one line on stderr, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _under_streamlit() -> bool:
+    if "streamlit" not in sys.modules:  # cheap check first: `list` must not import streamlit
+        return False
+    from streamlit.runtime import exists
+
+    return exists()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memchat.config import ChunkConfig, EmbeddingConfig, GenerationConfig, RAGConfig
+
+    p = argparse.ArgumentParser(prog="main.py", description="Mem_Chat: RAG over your own PDFs, encrypted at rest.")
+    sub = p.add_subparsers(dest="command")
+
+    app = sub.add_parser("app", help="start the Streamlit app (the default with no subcommand)")
+    app.add_argument("--port", type=int, default=8501, help="port for the app (default 8501)")
+
+    add = sub.add_parser("add", help="add or update PDFs")
+    add.add_argument("files", nargs="+", help="PDF files")
+    add.add_argument("--password", action="append", default=[], metavar="NAME=PASSWORD",
+                     help="password of an encrypted PDF (repeatable)")
+    g = add.add_argument_group("chunking and embedding")
+    g.add_argument("--chunk-size", type=int, default=ChunkConfig.chunk_size, help="characters per chunk")
+    g.add_argument("--chunk-overlap", type=int, default=ChunkConfig.chunk_overlap, help="characters of overlap")
+    g.add_argument("--embedding-model", default=EmbeddingConfig.model_name, help="sentence-transformers model")
+    g.add_argument("--embedding-backend", default=EmbeddingConfig.backend, choices=["onnx-int8", "onnx", "torch"],
+                   help="embedding runtime for a new store (an existing store keeps its own)")
+
+    sub.add_parser("list", help="list documents (loads no model)")
+
+    rm = sub.add_parser("remove", help="remove a document (loads no model)")
+    rm.add_argument("name", help="document name as shown by `list`")
+
+    ask = sub.add_parser("ask", help="answer a question from the knowledge base")
+    ask.add_argument("question", help="the question")
+    g = ask.add_argument_group("retrieval")
+    g.add_argument("--top-k", type=int, default=RAGConfig.top_k, help="chunks retrieved")
+    g.add_argument("--embedding-model", default=EmbeddingConfig.model_name, help="must match the store's")
+    g = ask.add_argument_group("generation")
+    g.add_argument("--model", default=GenerationConfig.model_name, help="instruct model (hub id or local folder)")
+    g.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens, help="answer length cap")
+    return p
+
+
+def _kb(args):
+    from memchat.config import ChunkConfig, EmbeddingConfig
+    from memchat.knowledge import KnowledgeBase
+
+    emb = EmbeddingConfig(model_name=getattr(args, "embedding_model", EmbeddingConfig.model_name))
+    if getattr(args, "embedding_backend", None):
+        emb.backend = args.embedding_backend
+    chunk = ChunkConfig()
+    if getattr(args, "chunk_size", None):
+        chunk = ChunkConfig(chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap)
+    return KnowledgeBase(chunking=chunk, embedding=emb)
+
+
+def cmd_add(args) -> int:
+    from tqdm import tqdm
+
+    passwords = dict(p.split("=", 1) for p in args.password if "=" in p)
+    kb = _kb(args)
+    bar = tqdm(total=len(args.files), unit="file", desc="ingesting", file=sys.stderr)
+
+    def progress(name: str, frac: float, stage: str) -> None:
+        bar.set_postfix_str(f"{name}: {stage}")
+        if frac >= 1.0:
+            bar.update(1)
+
+    results = kb.add_documents(args.files, passwords=passwords, progress=progress)
+    bar.close()
+    emb = kb._embedder
+    if emb is not None and emb.notice:
+        print(f"Note: {emb.notice}", file=sys.stderr)
+    for r in results:
+        print(r.message, file=sys.stderr if r.status == "error" else sys.stdout)
+    return 1 if any(r.status == "error" for r in results) else 0
+
+
+def cmd_list(args) -> int:
+    from datetime import datetime
+
+    from memchat.knowledge import KnowledgeBase
+
+    docs = KnowledgeBase().documents()
+    if not docs:
+        print("No documents yet. Add some: python main.py add FILE.pdf")
+        return 0
+    width = max(len(d["name"]) for d in docs)
+    print(f"{'document':<{width}}  version  pages  chunks  added")
+    for d in docs:
+        added = datetime.fromtimestamp(d["added"]).strftime("%Y-%m-%d %H:%M")
+        print(f"{d['name']:<{width}}  {d['version']:>7}  {d['pages']:>5}  {d['chunks']:>6}  {added}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from memchat.knowledge import KnowledgeBase
+
+    rec = KnowledgeBase().remove(args.name)
+    print(f"Removed {rec['name']} (version {rec['version']}, {rec['chunks']} chunks).")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from memchat.config import GenerationConfig, RAGConfig
+    from memchat.rag import RAGPipeline
+
+    kb = _kb(args)
+    kb.store.read()  # fail fast (no store, wrong key) before loading any model
+    rag = RAGPipeline(kb, rag=RAGConfig(top_k=args.top_k),
+                      generation=GenerationConfig(model_name=args.model, max_new_tokens=args.max_new_tokens))
+    if rag.generator.notice:
+        print(f"Note: {rag.generator.notice}", file=sys.stderr)
+    pieces, answer = rag.stream(args.question)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    if answer.evidence_line:
+        print("\n" + answer.evidence_line)
+    if answer.hits:
+        print("\nSources:")
+        for h in answer.hits:
+            print(f"  - {h.citation}  (score {h.score:.2f})")
+    return 0
+
+
+def launch_app(port: int = 8501) -> int:
+    cmd = [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__), "--server.port", str(port),
+           "--browser.gatherUsageStats", "false"]
+    os.execv(sys.executable, cmd)  # replaces this process: Ctrl-C reaches Streamlit directly
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in (None, "app"):
+        return launch_app(getattr(args, "port", 8501))
+    from memchat.errors import MemChatError
+
+    handler = {"add": cmd_add, "list": cmd_list, "remove": cmd_remove, "ask": cmd_ask}[args.command]
+    try:
+        return handler(args)
+    except MemChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if _under_streamlit():
+    from memchat.ui.rag_app import render
+
+    render()
+elif __name__ == "__main__":
+    raise SystemExit(main())

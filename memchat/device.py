@@ -1,0 +1,127 @@
+"""Where models run and in what precision: the one place Mem_Chat decides.
+
+Every module that loads weights asks here (``get_device``, ``get_dtype``) instead
+of probing ``torch.cuda`` itself, so a later switch (another accelerator, a
+serving engine such as vLLM) changes one file.
+
+Rules:
+  device   MEMCHAT_DEVICE if set ("cpu", "cuda", "cuda:1", "mps"); else cuda > mps > cpu.
+  dtype    cpu: float32 (bf16 matmuls are slower than fp32 on most CPUs, fp16 unsupported).
+           cuda: bfloat16 where the GPU supports it (Ampere+), else float16.
+           mps: float16.
+  training Weights are kept in float32 everywhere (the optimizer needs fp32 master
+           weights); speed comes from mixed precision instead, see ``mixed_precision``.
+
+Deliberately not here: thread tuning, multi-GPU placement, quantisation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from memchat.errors import MemChatError
+
+if TYPE_CHECKING:  # torch is imported lazily: `memchat.config` users should not pay for it
+    import torch
+
+DEVICE_ENV = "MEMCHAT_DEVICE"
+
+
+def get_device() -> "torch.device":
+    """The device models run on: MEMCHAT_DEVICE if set, else cuda > mps > cpu."""
+    import torch
+
+    wanted = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if wanted and wanted != "auto":
+        try:
+            device = torch.device(wanted)
+        except RuntimeError as exc:
+            raise MemChatError(
+                f"{DEVICE_ENV}={wanted!r} is not a device torch knows. Use cpu, cuda, cuda:N or mps."
+            ) from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MemChatError(
+                f"{DEVICE_ENV}={wanted} but this torch sees no CUDA GPU "
+                f"(torch {torch.__version__}). Unset {DEVICE_ENV} or set it to cpu."
+            )
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise MemChatError(
+                f"{DEVICE_ENV}={wanted} but only {torch.cuda.device_count()} CUDA device(s) exist."
+            )
+        if device.type == "mps" and not _mps_available():
+            raise MemChatError(f"{DEVICE_ENV}=mps but MPS is not available here. Unset {DEVICE_ENV} or set it to cpu.")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def get_dtype(device: "torch.device | str | None" = None, training: bool = False) -> "torch.dtype":
+    """Weight dtype for ``device`` (default: ``get_device()``).
+
+    Inference: cpu float32; cuda bfloat16 if supported else float16; mps float16.
+    Training: float32 weights on every device (pair with ``mixed_precision``).
+    """
+    import torch
+
+    device = _as_device(device)
+    if training or device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if _cuda_bf16(device) else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def mixed_precision(device: "torch.device | str | None" = None) -> str | None:
+    """Autocast precision for training on ``device``: "bf16", "fp16" or None (plain fp32).
+
+    Maps onto ``TrainingArguments(bf16=..., fp16=...)``; cpu trains in plain fp32.
+    """
+    device = _as_device(device)
+    if device.type == "cuda":
+        return "bf16" if _cuda_bf16(device) else "fp16"
+    return None
+
+
+def describe(device: "torch.device | str | None" = None) -> str:
+    """One line for logs and the apps, e.g. "cpu (float32, 2 threads)"."""
+    import torch
+
+    device = _as_device(device)
+    dtype = str(get_dtype(device)).removeprefix("torch.")
+    if device.type == "cpu":
+        return f"cpu ({dtype}, {torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)} ({dtype})"
+    return f"{device} ({dtype})"
+
+
+def _as_device(device) -> "torch.device":
+    import torch
+
+    if device is None:
+        return get_device()
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def _cuda_bf16(device: "torch.device") -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, _minor = torch.cuda.get_device_capability(index)
+    return major >= 8  # Ampere and newer have bf16 tensor cores
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
