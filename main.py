@@ -82,14 +82,11 @@ def cmd_add(args) -> int:
 
     def progress(name: str, frac: float, stage: str) -> None:
         bar.set_postfix_str(f"{name}: {stage}")
-        if frac >= 1.0:
+        if stage in ("saving", "failed", "unchanged"):  # this file's slow part is over
             bar.update(1)
 
     results = kb.add_documents(args.files, passwords=passwords, progress=progress)
     bar.close()
-    emb = kb._embedder
-    if emb is not None and emb.notice:
-        print(f"Note: {emb.notice}", file=sys.stderr)
     for r in results:
         print(r.message, file=sys.stderr if r.status == "error" else sys.stdout)
     return 1 if any(r.status == "error" for r in results) else 0
@@ -128,8 +125,7 @@ def cmd_ask(args) -> int:
     kb.store.read()  # fail fast (no store, wrong key) before loading any model
     rag = RAGPipeline(kb, rag=RAGConfig(top_k=args.top_k),
                       generation=GenerationConfig(model_name=args.model, max_new_tokens=args.max_new_tokens))
-    if rag.generator.notice:
-        print(f"Note: {rag.generator.notice}", file=sys.stderr)
+    rag.generator  # load now: its fallback notice (if any) is logged before the answer starts
     pieces, answer = rag.stream(args.question)
     for piece in pieces:
         print(piece, end="", flush=True)
@@ -152,6 +148,10 @@ def launch_app(port: int = 8501) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
+    # Library notices (e.g. "model X not available offline; using the bundled one") as one plain line.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.command in (None, "app"):
         return launch_app(getattr(args, "port", 8501))
     from memchat.errors import MemChatError

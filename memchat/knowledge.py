@@ -220,10 +220,14 @@ class KnowledgeBase:
                     data = path.read_bytes()
                 except OSError as exc:
                     results.append(AddResult(name, "error", error=f"cannot read file ({exc.strerror})"))
+                    if progress:
+                        progress(name, 1.0, "failed")
                     continue
             name = Path(name).name  # never trust a directory part from an upload
             if known.get(name) == _doc_hash(data):
                 results.append(AddResult(name, "unchanged"))
+                if progress:
+                    progress(name, 1.0, "unchanged")
                 continue
             try:
                 p = self.prepare(name, data, passwords.get(name), progress)
