@@ -91,7 +91,11 @@ def render() -> None:
     if "messages" not in st.session_state:
         st.session_state.messages = []
 
-    kb = knowledge_base()
+    try:
+        kb = knowledge_base()
+    except MemChatError as exc:  # wrong key, damaged store: say so, touch nothing
+        st.error(str(exc))
+        st.stop()
     docs = sidebar(kb)
     if not docs:
         st.info("Add PDFs in the sidebar to start. They are stored encrypted in encrypted_faiss_storage/.")

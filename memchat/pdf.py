@@ -1,0 +1,378 @@
+"""PDF bytes -> numbered pages of clean text, or a BadDocumentError that says why not.
+
+``extract_pdf`` opens the file with pypdf in its default lenient mode (which repairs
+broken cross-reference tables), decrypts it when it can (with the password given, else
+the empty one, which opens PDFs that only restrict printing or copying), extracts each
+page's text and cleans it:
+
+* NFKC normalisation, so ligatures ("ﬁ" -> "fi"), full-width forms and odd spaces
+  become the plain characters a user types into a question;
+* control and zero-width characters dropped, runs of spaces collapsed, lines stripped;
+* words hyphenated at a line end joined again ("com-\\npile" -> "compile"), keeping the
+  hyphen when the document writes the word hyphenated elsewhere and never joined ("run-time");
+* CJK lines re-joined without a space, and spaces between CJK characters (left by
+  justified Japanese/Chinese text) removed, since those scripts do not use them;
+* paragraphs kept as "\\n\\n". pypdf rarely gives blank lines, so a paragraph end is
+  inferred from layout: a line that ends a sentence and is clearly shorter than the
+  page's typical line, or a short heading-like line between two sentences.
+  Other line breaks stay "\\n" (code and tables keep their shape).
+
+Every page is kept, empty or not, so ``pages[i].number == i + 1`` always holds.
+
+Deliberately left out: OCR (a PDF without a text layer is refused with the fix, not
+guessed at), layout analysis (reading order, columns and tables are pypdf's), removal of
+running heads and page numbers (too easy to delete real content), a timeout for a page
+whose extraction hangs (a thread cannot be stopped; a process pool would cost more than
+it saves for the files users add), and anything that imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import threading
+import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pypdf
+from pypdf import PasswordType
+
+from memchat.errors import BadDocumentError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Page:
+    number: int  # 1-based, as a PDF viewer counts (not the printed folio)
+    text: str  # cleaned; "" for a page without text
+
+
+@dataclass(frozen=True)
+class ExtractedDocument:
+    name: str  # display name, usually the file name
+    sha256: str  # hex digest of the raw bytes: identifies a version of the document
+    pages: list[Page]  # every page, in order, empty ones included
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------
+_REPAIR_HINT = "re-save it from a PDF viewer (Print -> Save as PDF) or repair it, e.g. qpdf in.pdf repaired.pdf"
+
+
+def extract_pdf(data: bytes, name: str, password: str | None = None) -> ExtractedDocument:
+    """Extract and clean the text of every page of a PDF given as bytes.
+
+    Raises BadDocumentError for an empty file, a file that is not a PDF, a damaged PDF,
+    a password-protected PDF without the right password, and a PDF with no text at all.
+    A page whose extraction fails is logged and kept empty; the rest of the file is used.
+    """
+    if not data:
+        raise BadDocumentError(name, "is empty (0 bytes); the upload or download probably failed, so fetch the file again")
+    # The spec puts %PDF- first; readers (and we) accept it anywhere in the first 1 KiB.
+    if b"%PDF-" not in data[:1024]:
+        raise BadDocumentError(
+            name, f"is not a PDF ({_sniff(data)}); only PDF files can be added, so export or print it to PDF first"
+        )
+    sha256 = hashlib.sha256(data).hexdigest()
+
+    with _pypdf_notes() as notes:
+        reader = _open(data, name, password)
+        raw_pages, failures = _extract_raw(reader, name)
+    if notes:
+        level = logging.WARNING if any(lvl >= logging.ERROR for lvl, _ in notes) else logging.INFO
+        log.log(level, "%s: pypdf met %d problem(s) while reading, first: %s", name, len(notes), notes[0][1])
+
+    texts = [unicodedata.normalize("NFKC", t) for t in raw_pages]
+    hyphenated, words = _vocabulary(texts)
+    pages = [Page(number=i + 1, text=_clean_page(t, hyphenated, words)) for i, t in enumerate(texts)]
+    if not any(p.text for p in pages):
+        if failures:
+            raise BadDocumentError(
+                name,
+                f"is damaged: text extraction failed on {len(failures)} of {len(pages)} page(s) and the rest "
+                f"have no text (first error: {failures[0]}); {_REPAIR_HINT}",
+            )
+        raise BadDocumentError(
+            name,
+            f"has no extractable text in its {len(pages)} page(s) (scanned image?); "
+            "run OCR first, e.g. ocrmypdf in.pdf out.pdf, then add out.pdf",
+        )
+    empty = sum(not p.text for p in pages)
+    if empty * 2 > len(pages):  # blank versos are normal; a majority of empty pages is not
+        log.warning("%s: %d of %d pages have no text (scanned?); they will not be searchable", name, empty, len(pages))
+    return ExtractedDocument(name=name, sha256=sha256, pages=pages)
+
+
+def extract_pdf_file(path: str | Path, password: str | None = None) -> ExtractedDocument:
+    """``extract_pdf`` on a file; the document's name is the file name."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        # A missing or unreadable file is the user's document problem, reported the same way.
+        raise BadDocumentError(path.name, f"cannot be read ({exc.strerror or exc}); check the path {path}") from exc
+    return extract_pdf(data, path.name, password=password)
+
+
+# ---------------------------------------------------------------------------
+# Opening and extracting
+# ---------------------------------------------------------------------------
+def _open(data: bytes, name: str, password: str | None) -> pypdf.PdfReader:
+    # pypdf on malformed input can raise almost anything (PdfReadError, KeyError,
+    # ValueError, RecursionError...), so the boundary catches Exception and reports it.
+    try:
+        # strict=False (the default) repairs broken xref tables and wrong startxref offsets.
+        reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
+        encrypted = reader.is_encrypted
+    except Exception as exc:
+        raise BadDocumentError(name, f"is damaged and cannot be read ({_describe(exc)}); {_REPAIR_HINT}") from exc
+
+    if encrypted:
+        try:
+            # The empty password opens files that only restrict printing/copying (owner password).
+            result = reader.decrypt(password or "")
+            if result == PasswordType.NOT_DECRYPTED and password:
+                # A wrong password given: still try the empty one before refusing.
+                result = reader.decrypt("")
+        except Exception as exc:  # unsupported encryption, missing crypto backend, broken dictionary
+            raise BadDocumentError(name, f"is encrypted in a way that cannot be opened ({_describe(exc)}); "
+                                   "save an unprotected copy first, e.g. qpdf --decrypt in.pdf out.pdf") from exc
+        if result == PasswordType.NOT_DECRYPTED:
+            if password:
+                raise BadDocumentError(name, "is password-protected and the password given does not open it; check the password")
+            raise BadDocumentError(
+                name,
+                "is password-protected; give its password, or save an unprotected copy first, "
+                "e.g. qpdf --decrypt --password=PASSWORD in.pdf out.pdf",
+            )
+
+    try:
+        num_pages = len(reader.pages)
+    except Exception as exc:
+        raise BadDocumentError(name, f"is damaged: its page tree cannot be read ({_describe(exc)}); {_REPAIR_HINT}") from exc
+    if num_pages == 0:
+        raise BadDocumentError(name, "has no pages")
+    return reader
+
+
+def _extract_raw(reader: pypdf.PdfReader, name: str) -> tuple[list[str], list[str]]:
+    """Raw pypdf text per page (a page that fails is logged and becomes ""), and the failures."""
+    texts: list[str] = []
+    failures: list[str] = []
+    num_pages = len(reader.pages)
+    for i in range(num_pages):
+        try:
+            text = reader.pages[i].extract_text() or ""
+        except Exception as exc:  # one broken content stream must not lose the other pages
+            failures.append(_describe(exc))
+            log.warning("%s: page %d: text extraction failed (%s); page kept empty", name, i + 1, failures[-1])
+            text = ""
+        texts.append(text)
+    return texts, failures
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
+
+
+def _sniff(data: bytes) -> str:
+    """A guess at what a non-PDF file is, for the error message."""
+    head = data[:512]
+    for magic, kind in (
+        (b"PK\x03\x04", "it looks like a ZIP archive or an Office document (.docx, .pptx, .odt)"),
+        (b"\xd0\xcf\x11\xe0", "it looks like an old Microsoft Office document (.doc, .xls)"),
+        (b"\x89PNG", "it looks like a PNG image"),
+        (b"\xff\xd8\xff", "it looks like a JPEG image"),
+        (b"{\\rtf", "it looks like an RTF document"),
+    ):
+        if head.startswith(magic):
+            return kind
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "it looks like a web page (HTML)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "it has no %PDF- header"
+    return "it looks like plain text: it has no %PDF- header"
+
+
+# ---------------------------------------------------------------------------
+# pypdf's logging
+# ---------------------------------------------------------------------------
+# pypdf logs a WARNING for every repair it makes ("incorrect startxref pointer", "Multiple
+# definitions in dictionary", ...), dozens per damaged file, through the root logger to the
+# user's terminal or Streamlit log. While we extract, its records go to a collector instead
+# (per thread, since Streamlit runs sessions in threads) and we log one summary line.
+# Entries are counted so overlapping extractions restore the logger only when the last ends.
+# Meanwhile pypdf records from threads that are not extracting are dropped; nothing else here uses pypdf.
+_PYPDF_LOG = logging.getLogger("pypdf")
+_MAX_NOTES = 50
+
+
+class _NoteCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.by_thread: dict[int, list[tuple[int, str]]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        notes = self.by_thread.get(record.thread or 0)
+        if notes is not None and len(notes) < _MAX_NOTES:
+            notes.append((record.levelno, record.getMessage()))
+
+
+_collector = _NoteCollector()
+_notes_lock = threading.Lock()
+_notes_depth = 0
+_saved_propagate = True
+
+
+@contextmanager
+def _pypdf_notes() -> Iterator[list[tuple[int, str]]]:
+    global _notes_depth, _saved_propagate
+    notes: list[tuple[int, str]] = []
+    tid = threading.get_ident()
+    with _notes_lock:
+        if _notes_depth == 0:
+            _saved_propagate = _PYPDF_LOG.propagate
+            _PYPDF_LOG.propagate = False
+            _PYPDF_LOG.addHandler(_collector)
+        _notes_depth += 1
+        _collector.by_thread[tid] = notes
+    try:
+        yield notes
+    finally:
+        with _notes_lock:
+            _collector.by_thread.pop(tid, None)
+            _notes_depth -= 1
+            if _notes_depth == 0:
+                _PYPDF_LOG.removeHandler(_collector)
+                _PYPDF_LOG.propagate = _saved_propagate
+
+
+# ---------------------------------------------------------------------------
+# Cleaning
+# ---------------------------------------------------------------------------
+# Han, kana and CJK punctuation (after NFKC, so full-width and half-width forms are folded).
+# Hangul is not here: Korean separates words with spaces.
+_CJK = "\u3001-\u303f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0003134f"
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_SPACE_BETWEEN_CJK = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+# Control characters (not \t \n), zero-width characters and BOMs: invisible, and they split words for search.
+_INVISIBLE = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+_LINE_BREAKS = str.maketrans({"\r": "\n", "\x0b": "\n", "\x0c": "\n", "\u2028": "\n", "\u2029": "\n\n", "\t": " "})
+_SPACES = re.compile(r" {2,}")
+_LETTERS = r"[^\W\d_]"  # a letter in any script
+_HYPHENATED_WORD = re.compile(rf"{_LETTERS}+(?:-{_LETTERS}+)+")
+_WORD = re.compile(rf"{_LETTERS}+")
+_BROKEN_WORD = re.compile(rf"({_LETTERS}+)-$")  # "...com-" at a line end
+_LEADING_WORD = re.compile(rf"{_LETTERS}+")
+# A line ends a sentence: terminal punctuation, optionally closed by quotes or brackets.
+_ENDS_SENTENCE = re.compile(r"[.!?:。][\"'”’»)\]」』]*$")
+
+_SHORT_LINE = 0.75  # of the page's typical line length: shorter sentence-final lines end paragraphs
+_HEADING_LINE = 0.6  # shorter lines without final punctuation, between sentences, are headings
+_MIN_LINES_FOR_LAYOUT = 4  # fewer lines give no reliable "typical" length
+
+
+def _vocabulary(texts: list[str]) -> tuple[set[str], set[str]]:
+    """Words the document writes with a hyphen (not at a line end), and all its words; lower-cased."""
+    hyphenated: set[str] = set()
+    words: set[str] = set()
+    for text in texts:
+        low = text.lower()
+        hyphenated.update(_HYPHENATED_WORD.findall(low))
+        words.update(_WORD.findall(low))
+    return hyphenated, words
+
+
+def _clean_page(text: str, hyphenated: set[str], words: set[str]) -> str:
+    """One page of NFKC-normalised pypdf text -> tidy text with paragraphs as "\\n\\n"."""
+    text = _INVISIBLE.sub("", text.replace("\r\n", "\n").translate(_LINE_BREAKS))
+    lines = [_SPACE_BETWEEN_CJK.sub("", _SPACES.sub(" ", line).strip()) for line in text.split("\n")]
+    paragraphs = [_dehyphenate(p, hyphenated, words) for p in _paragraphs(lines)]
+    return "\n\n".join("\n".join(p) for p in paragraphs if p)
+
+
+def _paragraphs(lines: list[str]) -> list[list[str]]:
+    """Split lines into paragraphs: at blank lines, and where the layout says a paragraph ends."""
+    lengths = sorted(len(line) for line in lines if line)
+    # The 80th percentile, not the maximum: a single wide line (a URL, a table row) is no measure.
+    typical = lengths[int(0.8 * (len(lengths) - 1))] if len(lengths) >= _MIN_LINES_FOR_LAYOUT else 0
+
+    paragraphs: list[list[str]] = []
+    current: list[str] = []
+    for i, line in enumerate(lines):
+        if not line:
+            if current:
+                paragraphs.append(current)
+                current = []
+            continue
+        current.append(line)
+        if typical and _ends_paragraph(line, lines, i, typical):
+            paragraphs.append(current)
+            current = []
+    if current:
+        paragraphs.append(current)
+    return paragraphs
+
+
+def _ends_paragraph(line: str, lines: list[str], i: int, typical: int) -> bool:
+    nxt = lines[i + 1] if i + 1 < len(lines) else ""
+    if not nxt or nxt[0].islower():  # a lower-case start continues the sentence
+        return False
+    if _ENDS_SENTENCE.search(line):
+        if len(line) < _SHORT_LINE * typical:
+            return True  # the short last line of a justified paragraph
+        # A full line ending a sentence, then a short line without punctuation: a heading follows.
+        return _is_heading(nxt, typical)
+    # This line is a heading itself if it sits between a sentence end and a new line.
+    prev = lines[i - 1] if i > 0 else ""
+    return (not prev or bool(_ENDS_SENTENCE.search(prev))) and _is_heading(line, typical)
+
+
+def _is_heading(line: str, typical: int) -> bool:
+    return len(line) < _HEADING_LINE * typical and not _ENDS_SENTENCE.search(line) and (line[0].isupper() or line[0].isdigit())
+
+
+def _dehyphenate(lines: list[str], hyphenated: set[str], words: set[str]) -> list[str]:
+    """Join words broken across lines, and CJK lines, within one paragraph."""
+    out = list(lines)
+    i = 0
+    while i < len(out) - 1:
+        line, nxt = out[i], out[i + 1]
+        if line.endswith("\u00ad"):  # a soft hyphen marks a break the typesetter added: always join
+            head, _, rest = nxt.partition(" ")
+            out[i] = line[:-1] + head
+        # (Only the line's tail is searched: a long unspaced CJK line would make the regex quadratic.)
+        elif line[-1] == "-" and nxt[0].islower() and (broken := _BROKEN_WORD.search(line[-64:])):
+            head, _, rest = nxt.partition(" ")
+            left = broken.group(1).lower()
+            right = m.group(0).lower() if (m := _LEADING_WORD.match(head)) else ""
+            # Keep the hyphen only when the document writes this word hyphenated and never joined.
+            keep = f"{left}-{right}" in hyphenated and f"{left}{right}" not in words
+            out[i] = (line if keep else line[:-1]) + head
+        elif _CJK_CHAR.match(line[-1]) and _CJK_CHAR.match(nxt[0]):
+            out[i] = line + nxt  # no space: CJK does not separate words
+            rest = ""
+        else:
+            i += 1
+            continue
+        if rest:
+            out[i + 1] = rest
+            i += 1  # the rest of that line follows a space, not a break: nothing more to join here
+        else:
+            del out[i + 1]  # the whole next line moved up; look at the new pair again
+    return [line.replace("\u00ad", "") for line in out]

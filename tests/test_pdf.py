@@ -1,0 +1,289 @@
+"""memchat.pdf on the real PDFs in ../shared/data (see PROVENANCE.md there).
+
+Extraction of the big files is cached per process (``extracted``); test_chunking reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import re
+import unicodedata
+import zipfile
+from pathlib import Path
+
+import pypdf
+import pytest
+
+from memchat.errors import BadDocumentError, MemChatError
+from memchat.pdf import ExtractedDocument, Page, _clean_page, extract_pdf, extract_pdf_file
+
+DATA = Path(os.environ.get("MEMCHAT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+PDFS = DATA / "pdfs"
+QA_DEV = DATA / "qa_dev"
+
+
+
+@functools.cache
+def manifest() -> dict[str, dict]:
+    return {entry["file"]: entry for entry in json.loads((PDFS / "manifest.json").read_text())}
+
+
+@functools.cache
+def extracted(relpath: str, password: str | None = None) -> ExtractedDocument:
+    """One extraction per file per test session (the big ones take seconds)."""
+    return extract_pdf_file(PDFS / relpath, password=password)
+
+
+@functools.cache
+def japanese_sample() -> ExtractedDocument:
+    """Pages 15-30 of the Japanese manual as their own PDF: the CJK cases at a fifth of the cost."""
+    reader = pypdf.PdfReader(PDFS / "non_english/debian-edu-bullseye-manual-ja.pdf")
+    writer = pypdf.PdfWriter()
+    for i in range(14, 30):
+        writer.add_page(reader.pages[i])
+    buf = io.BytesIO()
+    writer.write(buf)
+    return extract_pdf(buf.getvalue(), "debian-edu-ja-p15-30.pdf")
+
+
+def normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+# ---------------------------------------------------------------------------
+# The files in bad/: every one has a stated outcome
+# ---------------------------------------------------------------------------
+REFUSED = {
+    "empty.pdf": "is empty (0 bytes)",
+    "invalid.pdf": "is damaged and cannot be read",
+    "crazyones-encrypted-256.pdf": "is password-protected; give its password",
+    "libreoffice-writer-password.pdf": "is password-protected; give its password",
+    "password-example.pdf": "is password-protected; give its password",
+}
+# pypdf's lenient mode repairs these; the text proves the repair worked.
+RECOVERED = {
+    "helloworld-bad.pdf": r"Hello, world!",
+    "issue-297.pdf": r"test example",
+    "r6-empty-password.pdf": r"pdf encryption test\s+password: asdfzxcv",
+    "malformed-from-issue-932.pdf": r"2021\D{1,3}3\D{1,3}31",  # a date
+}
+
+
+def test_every_bad_file_has_an_expected_outcome():
+    assert {p.name for p in (PDFS / "bad").glob("*.pdf")} == set(REFUSED) | set(RECOVERED)
+
+
+@pytest.mark.parametrize("filename", sorted(REFUSED))
+def test_bad_file_is_refused_with_a_reason(filename):
+    with pytest.raises(BadDocumentError) as info:
+        extract_pdf_file(PDFS / "bad" / filename)
+    err = info.value
+    assert isinstance(err, MemChatError)
+    assert err.name == filename
+    assert REFUSED[filename] in err.reason
+    assert str(err).startswith(f"{filename}: ")
+
+
+@pytest.mark.parametrize("filename", sorted(RECOVERED))
+def test_damaged_but_readable_file_is_recovered(filename):
+    doc = extracted(f"bad/{filename}")
+    assert doc.num_pages == manifest()[f"bad/{filename}"]["pages"] == 1
+    assert re.search(RECOVERED[filename], doc.pages[0].text), doc.pages[0].text
+
+
+def test_password_files_open_with_their_password():
+    protected = [e for e in manifest().values() if e["password"]]
+    assert len(protected) == 3
+    for entry in protected:
+        doc = extracted(entry["file"], password=entry["password"])
+        assert doc.num_pages == entry["pages"]
+        assert doc.sha256 == entry["sha256"]
+        assert sum(len(p.text) for p in doc.pages) > 50, entry["file"]
+
+
+def test_wrong_password_is_reported_as_wrong():
+    with pytest.raises(BadDocumentError, match="password given does not open it"):
+        extract_pdf_file(PDFS / "bad/password-example.pdf", password="not-the-password")
+
+
+def test_password_on_an_unencrypted_file_is_ignored():
+    assert extract_pdf_file(PDFS / "bad/helloworld-bad.pdf", password="x").pages[0].text == "Hello, world!"
+
+
+@pytest.mark.parametrize("relpath", ["scanned/c02-22.pdf", "scanned/linn.pdf"])
+def test_scanned_pdf_without_text_layer_asks_for_ocr(relpath):
+    with pytest.raises(BadDocumentError) as info:
+        extract_pdf_file(PDFS / relpath)
+    assert "has no extractable text" in info.value.reason
+    assert "scanned image?" in info.value.reason
+    assert "ocrmypdf" in info.value.reason
+
+
+def test_text_file_renamed_to_pdf_is_not_a_pdf(tmp_path):
+    fake = tmp_path / "notes.pdf"
+    fake.write_bytes((QA_DEV / "contexts.jsonl").read_bytes())  # real text, wrong extension
+    with pytest.raises(BadDocumentError) as info:
+        extract_pdf_file(fake)
+    assert info.value.name == "notes.pdf"
+    assert "is not a PDF" in info.value.reason
+    assert "plain text" in info.value.reason
+    assert "export or print it to PDF" in info.value.reason
+
+
+def test_office_document_is_named_as_such():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("word/document.xml", "<w:document/>")
+    with pytest.raises(BadDocumentError, match="Office document"):
+        extract_pdf(buf.getvalue(), "report.pdf")
+
+
+def test_truncated_pdf_is_damaged_not_a_crash():
+    data = (PDFS / "papers_tables/tracemonkey.pdf").read_bytes()[:4000]
+    with pytest.raises(BadDocumentError, match="damaged|no extractable text"):
+        extract_pdf(data, "cut.pdf")
+
+
+def test_missing_file_is_a_bad_document(tmp_path):
+    with pytest.raises(BadDocumentError, match="cannot be read"):
+        extract_pdf_file(tmp_path / "nowhere.pdf")
+
+
+# ---------------------------------------------------------------------------
+# Good files: pages, identity, cleaning
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "relpath",
+    ["manuals/R-intro.pdf", "papers_tables/tracemonkey.pdf", "non_english/2023-06-20-PV.pdf", "scanned/Seige_of_Vicksburg_Sample_OCR.pdf", "non_english/multilang.pdf"],
+)
+def test_every_page_is_kept_and_numbered(relpath):
+    doc = extracted(relpath)
+    entry = manifest()[relpath]
+    assert doc.name == Path(relpath).name
+    assert doc.sha256 == entry["sha256"]
+    assert doc.num_pages == len(doc.pages) == entry["pages"]
+    assert [p.number for p in doc.pages] == list(range(1, entry["pages"] + 1))
+    assert all(isinstance(p, Page) and p.text == p.text.strip() for p in doc.pages)
+
+
+def test_known_phrases_are_on_their_pages():
+    doc = extracted("manuals/R-intro.pdf")
+    # Page numbers as a viewer counts them (the printed folio is 6 lower in the main matter).
+    assert "Command lines entered at the console are limited" in doc.pages[11 - 1].text
+    assert "Other looping facilities include" in doc.pages[50 - 1].text
+    assert "Appendix F References" in doc.pages[113 - 1].text
+    assert "Appendix F References" not in doc.pages[112 - 1].text
+
+
+def test_ligatures_become_plain_letters():
+    raw = "".join(p.extract_text() for p in pypdf.PdfReader(PDFS / "papers_tables/tracemonkey.pdf").pages[:2])
+    assert "ﬁ" in raw  # the test means something only if the file really has ligatures
+    text = "\n".join(p.text for p in extracted("papers_tables/tracemonkey.pdf").pages)
+    assert not re.search("[\ufb00-\ufb06]", text)
+    assert "difficult" in text and "identifies" in text and "on the fly" in text
+
+
+def test_line_end_hyphens_are_joined_unless_the_document_hyphenates_the_word():
+    text = "\n".join(p.text for p in extracted("papers_tables/tracemonkey.pdf").pages)
+    assert "more difficult to compile" in text  # "com-\npile" in the PDF
+    assert "Programming Languages]" in text  # "Lan-\nguages"
+    # "type-\nunstable" in the PDF; the paper writes "type-unstable" elsewhere, never "typeunstable".
+    assert "type-unstable" in text and "typeunstable" not in text
+
+
+def test_whitespace_is_tidied():
+    doc = extracted("scanned/Seige_of_Vicksburg_Sample_OCR.pdf")
+    assert doc.pages[0].text.startswith("THE SIEGE OF VICKSBURG.")  # "THE   SIEGE   OF" in the OCR layer
+    for page in doc.pages:
+        assert "  " not in page.text and "\t" not in page.text and "\n\n\n" not in page.text
+        assert all(line == line.strip() for line in page.text.split("\n"))
+
+
+def test_cjk_text_loses_justification_spaces_and_line_breaks():
+    page = japanese_sample().pages[21 - 15]  # page 21 of the manual
+    assert "標準の Xfce デスクトップではなく" in page.text  # "標 準 の Xfce デ ス ク ト ッ プ" in the PDF
+    assert "高速化できます" in page.text  # "高速\n化できます"
+    multilang = extracted("non_english/multilang.pdf").pages[0].text
+    for word in ("Hello World", "مرحبا بالعالم", "Привет, мир", "你好世界", "สวัสดีชาวโลก", "こんにちは世界"):
+        assert word in multilang
+
+
+def test_accents_survive():
+    text = extracted("non_english/2023-06-20-PV.pdf").pages[0].text
+    assert "COMITÉ DE DÉMOLITION" in text and "PROCÈS-VERBAL" in text and "Gaëtan" in text
+
+
+def test_qa_dev_paragraphs_survive_cleaning_verbatim():
+    contexts = [json.loads(line) for line in (QA_DEV / "contexts.jsonl").read_text().splitlines() if line.strip()]
+    assert sum(len(c["paragraphs"]) for c in contexts) == 10
+    for context in contexts:
+        doc = extract_pdf_file(QA_DEV / "pdfs" / context["doc"])
+        text = normalise("\n".join(p.text for p in doc.pages))
+        for paragraph in context["paragraphs"]:
+            assert normalise(paragraph) in text, (context["doc"], paragraph[:60])
+
+
+def test_paragraphs_are_separated_by_blank_lines():
+    # Geology's three paragraphs end with short lines, so each becomes its own block.
+    context = json.loads((QA_DEV / "contexts.jsonl").read_text().splitlines()[0])
+    assert context["doc"] == "dev_01_Geology.pdf"
+    text = extract_pdf_file(QA_DEV / "pdfs" / context["doc"]).pages[0].text
+    blocks = [normalise(b) for b in text.split("\n\n")]
+    assert blocks[:2] == ["Geology", "Excerpt from the English Wikipedia article of this title."]
+    assert blocks[2:5] == [normalise(p) for p in context["paragraphs"]]
+
+
+def test_clean_page_rules():
+    words = {"compile", "well", "known"}
+    hyphenated = {"run-time", "well-known"}
+    raw = unicodedata.normalize("NFKC", "Eﬃcient  com-\npile at run-\ntime,\tthe well-\nknown\u200b x\x00y\u00a0z. Soft\u00ad\nhyphen.")
+    # The rejoined word moves up a line; the rest of its line stays where it was.
+    assert _clean_page(raw, hyphenated, words) == "Efficient compile\nat run-time,\nthe well-known\nxy z. Softhyphen."
+    # Upper-case after a hyphen: a name or a list, not a broken word.
+    assert _clean_page("Jean-\nPaul", set(), set()) == "Jean-\nPaul"
+
+
+# ---------------------------------------------------------------------------
+# Robustness: one bad page, pypdf's logging
+# ---------------------------------------------------------------------------
+def test_a_failing_page_is_kept_empty_and_logged(monkeypatch, caplog):
+    original = pypdf.PageObject.extract_text
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyError("/Contents")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pypdf.PageObject, "extract_text", flaky)
+    with caplog.at_level(logging.WARNING, logger="memchat.pdf"):
+        doc = extract_pdf_file(PDFS / "scanned/Seige_of_Vicksburg_Sample_OCR.pdf")
+    assert doc.num_pages == 6
+    assert doc.pages[1].text == ""
+    assert all(p.text for i, p in enumerate(doc.pages) if i != 1)
+    assert any("page 2" in r.getMessage() and "KeyError" in r.getMessage() for r in caplog.records)
+
+
+def test_every_page_failing_is_a_damaged_document(monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise ValueError("bad content stream")
+
+    monkeypatch.setattr(pypdf.PageObject, "extract_text", broken)
+    with pytest.raises(BadDocumentError, match="failed on 1 of 1 page.*bad content stream"):
+        extract_pdf_file(PDFS / "bad/helloworld-bad.pdf")
+
+
+def test_pypdf_repair_noise_becomes_one_line(caplog):
+    pypdf_logger = logging.getLogger("pypdf")
+    before = (pypdf_logger.propagate, list(pypdf_logger.handlers))
+    with caplog.at_level(logging.DEBUG):
+        extract_pdf_file(PDFS / "bad/issue-297.pdf")
+    assert not [r for r in caplog.records if r.name.startswith("pypdf")]
+    summary = [r for r in caplog.records if r.name == "memchat.pdf"]
+    assert len(summary) == 1 and "startxref" in summary[0].getMessage()
+    assert (pypdf_logger.propagate, list(pypdf_logger.handlers)) == before  # restored afterwards
