@@ -1,0 +1,214 @@
+"""Batched generation, streaming and scoring on tiny real models (plus one real-model check)."""
+
+import threading
+
+import pytest
+import torch
+
+from memchat.generation import GenerationResult, Generator, format_chat
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Summarise the report in one sentence, please, and name the decisions taken at the meeting.",
+    "hello",
+    "Which river flows north through the valley past the old mill?",
+    "What did the company do in 2023?",
+    "Café or tea?",
+    "Explain photosynthesis to a child in three short sentences using simple words only.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _tiny_models_single_threaded(request):
+    """Tiny-model tests run ~10x faster on one thread on a busy 2-core box; slow tests keep all."""
+    if request.node.get_closest_marker("slow") is None:
+        request.getfixturevalue("torch_single_thread")
+
+
+def conversation(question, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": question}]
+
+
+@pytest.fixture(scope="module", params=["qwen", "gpt2"])
+def generator(request, tiny_qwen_dir, tiny_gpt2_dir):
+    """A Generator over each tiny model: ChatML template (Qwen2) and none (DialoGPT-like GPT-2)."""
+    folder = tiny_qwen_dir if request.param == "qwen" else tiny_gpt2_dir
+    return Generator(str(folder))
+
+
+def test_format_prompt_chat_template(tiny_qwen_dir):
+    gen = Generator(str(tiny_qwen_dir))
+    prompt = gen.format_prompt(conversation("Hi?", system="Be brief."))
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_format_prompt_dialogpt_convention(tiny_gpt2_dir):
+    gen = Generator(str(tiny_gpt2_dir))
+    assert gen.format_prompt(conversation("Hi?")) == "Hi?<|endoftext|>"
+    history = [
+        {"role": "system", "content": "Context."},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
+    assert format_chat(gen.tokenizer, history) == "Context.\nQ1<|endoftext|>A1<|endoftext|>Q2<|endoftext|>"
+    with pytest.raises(ValueError):
+        gen.format_prompt([])
+
+
+def test_batched_equals_one_at_a_time_in_input_order(generator):
+    """Left padding, length sorting and batching must not change a greedy answer or its place."""
+    batch = [conversation(q) for q in QUESTIONS]
+    batched = generator.generate(batch, max_new_tokens=12, batch_size=3)  # 3 batches, the last partial
+    single = [generator.generate([m], max_new_tokens=12)[0] for m in batch]
+    assert batched == single
+    assert len({r.prompt_tokens for r in batched}) > 3  # the prompts really differ in length
+    assert all(r.new_tokens == 12 and r.finish_reason == "length" for r in batched)
+    assert any(r.text for r in batched)
+
+
+def test_eos_mid_batch(generator):
+    """Rows that end early (eos) stay correct while the others go on; counts include the eos."""
+    batch = [conversation(q) for q in QUESTIONS[:4]]
+    free = generator.generate(batch, max_new_tokens=10)
+    # Declare the 3rd token of the first answer an end-of-sequence token.
+    first = generator.tokenizer(generator.format_prompt(batch[0]), add_special_tokens=False)["input_ids"]
+    out = generator.model.generate(
+        input_ids=torch.tensor([first]), attention_mask=torch.ones(1, len(first), dtype=torch.long),
+        max_new_tokens=3, do_sample=False, repetition_penalty=1.1, pad_token_id=generator.pad_id,
+    )
+    saved = list(generator.eos_ids)
+    generator.eos_ids = saved + [int(out[0, -1])]
+    try:
+        batched = generator.generate(batch, max_new_tokens=10, batch_size=4)
+        single = [generator.generate([m], max_new_tokens=10)[0] for m in batch]
+    finally:
+        generator.eos_ids = saved
+    assert batched == single
+    assert batched[0].finish_reason == "eos" and batched[0].new_tokens <= 3
+    assert free[0].text.startswith(batched[0].text)
+
+
+def test_stream_pieces_concatenate_to_generate(generator):
+    for question in QUESTIONS[:3]:
+        messages = conversation(question)
+        expected = generator.generate([messages], max_new_tokens=16)[0].text
+        pieces = list(generator.stream(messages, max_new_tokens=16))
+        assert "".join(pieces) == expected
+        assert all(pieces)  # no empty pieces
+
+
+def test_stop_strings_cut_generate_and_stream(generator):
+    messages = conversation(QUESTIONS[0])
+    full = generator.generate([messages], max_new_tokens=24)[0]
+    assert len(full.text) > 6
+    stop = full.text[len(full.text) // 2 :][:3]  # something the model does write, mid-answer
+    cut = generator.generate([messages], max_new_tokens=24, stop=[stop])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)].strip()
+    assert cut.new_tokens < full.new_tokens
+    assert "".join(generator.stream(messages, max_new_tokens=24, stop=[stop])) == cut.text
+    # In a batch, the stopped row does not disturb the others.
+    batch = [messages, conversation(QUESTIONS[1])]
+    both = generator.generate(batch, max_new_tokens=24, stop=[stop])
+    assert both[0] == cut
+    other = generator.generate([batch[1]], max_new_tokens=24, stop=[stop])[0]
+    assert both[1] == other
+
+
+def test_stream_closed_early_stops_the_thread(tiny_qwen_dir):
+    gen = Generator(str(tiny_qwen_dir))
+    before = threading.active_count()
+    pieces = gen.stream(conversation(QUESTIONS[1]), max_new_tokens=200)
+    next(pieces)
+    pieces.close()  # what a Streamlit rerun does to an abandoned generator
+    assert threading.active_count() == before
+    assert gen.stats.new_tokens < 200
+
+
+def test_loglikelihood_matches_manual_computation(generator):
+    context = conversation(QUESTIONS[0])
+    continuation = " Paris is the capital"
+    score = generator.loglikelihood(context, continuation)
+
+    tok = generator.tokenizer
+    prompt = generator.format_prompt(context)
+    special = not tok.chat_template
+    ctx = tok(prompt, add_special_tokens=special)["input_ids"]
+    full = tok(prompt + continuation, add_special_tokens=special)["input_ids"]
+    assert full[: len(ctx)] == ctx
+    with torch.no_grad():
+        logits = generator.model(torch.tensor([full])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    manual = sum(float(logprobs[t - 1, full[t]]) for t in range(len(ctx), len(full)))
+    assert score == pytest.approx(manual, abs=1e-4)
+    assert score < 0
+
+
+def test_loglikelihood_prefers_the_greedy_token_and_batches(generator):
+    context = conversation(QUESTIONS[3])
+    tok = generator.tokenizer
+    ids = tok(generator.format_prompt(context), add_special_tokens=not tok.chat_template)["input_ids"]
+    with torch.no_grad():
+        logits = generator.model(torch.tensor([ids])).logits[0, -1]
+    # Tokens ranked by the model, keeping those whose text encodes back to that one token.
+    ranked = [
+        int(i) for i in torch.argsort(logits, descending=True)
+        if int(i) not in tok.all_special_ids and tok(tok.decode([int(i)]), add_special_tokens=False)["input_ids"] == [int(i)]
+    ]
+    best, worse = tok.decode([ranked[0]]), tok.decode([ranked[50]])
+    scores = generator.loglikelihoods([(context, best), (context, worse), (context, "")])
+    assert scores[0] > scores[1]
+    assert scores[2] == 0.0
+    assert scores[0] == pytest.approx(generator.loglikelihood(context, best), abs=1e-4)
+
+
+def test_sampling_and_stats(tiny_qwen_dir):
+    gen = Generator(str(tiny_qwen_dir))
+    torch.manual_seed(0)
+    results = gen.generate([conversation(q) for q in QUESTIONS[:3]], max_new_tokens=8, temperature=0.9, top_p=0.95)
+    assert len(results) == 3 and all(isinstance(r, GenerationResult) for r in results)
+    assert gen.stats.new_tokens == sum(r.new_tokens for r in results)
+    assert gen.stats.prompts == 3 and gen.stats.seconds > 0 and gen.stats.tokens_per_s > 0
+    assert "tokens/s" in str(gen.stats)
+    assert gen.generate([]) == []
+
+
+def test_progress_bar(tiny_gpt2_dir, capsys):
+    gen = Generator(str(tiny_gpt2_dir))
+    gen.generate([conversation(q) for q in QUESTIONS[:4]], max_new_tokens=4, batch_size=2, progress=True)
+    assert "4/4" in capsys.readouterr().err
+
+
+def test_given_model_keeps_its_training_mode(tiny_gpt2_dir):
+    from memchat.models import load_causal_lm
+
+    model, tokenizer, resolved = load_causal_lm(str(tiny_gpt2_dir), training=True)
+    gen = Generator(model=model, tokenizer=tokenizer)
+    assert gen.resolved.source == "local"
+    a = gen.generate([conversation("hello")], max_new_tokens=6)[0]
+    b = gen.generate([conversation("hello")], max_new_tokens=6)[0]
+    assert a == b  # eval() during generation: no dropout noise
+    assert model.training
+    with pytest.raises(ValueError):
+        Generator(model=model)
+
+
+def test_overlong_prompt_is_cut_to_fit(tiny_gpt2_dir):
+    gen = Generator(str(tiny_gpt2_dir))  # 512 positions
+    long_question = " ".join(["budget"] * 700)
+    result = gen.generate([conversation(long_question)], max_new_tokens=8)[0]
+    assert result.prompt_tokens == 512 - 8
+    assert result.new_tokens == 8
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_knows_paris(monkeypatch):
+    monkeypatch.setenv("MEMCHAT_DEVICE", "cpu")
+    gen = Generator("bundled")
+    assert gen.notice is None and gen.resolved.source == "bundled"
+    messages = conversation("What is the capital of France?")
+    answer = gen.generate([messages], max_new_tokens=32)[0]
+    assert "Paris" in answer.text
+    assert "".join(gen.stream(messages, max_new_tokens=32)) == answer.text
