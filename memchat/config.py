@@ -115,10 +115,18 @@ class ExtractConfig:
     augment: bool = True  # also write paraphrases that share the answer
     variations_per_question: int = 2
     batch_size: int = 16  # prompts per generate call; ~6-7x one-at-a-time on CPU
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # cap for any one output; question lists get ~24 tokens per question below it
+    answer_max_new_tokens: int = 96  # one or two sentences (~40 words); a longer answer is cut to whole sentences
+    repetition_penalty: float = 1.1  # small models loop without it
     validation_fraction: float = 0.1  # of chunks held out: no variation of a val question leaks
     near_duplicate_threshold: float = 0.92  # cosine above which two questions count as one
-    seed: int = 42
+    variation_duplicate_threshold: float = 0.97  # a paraphrase this close to its source or sibling adds nothing
+    min_question_support: float = 0.5  # share of a question's content words that must occur in its chunk
+    min_answer_support: float = 0.6  # share of the words an answer adds (beyond the question) found in the chunk
+    min_answer_cosine: float = 0.3  # answer vs its best chunk sentence; below it the answer is off-topic
+    evidence_chars: int = 600  # the chunk's best sentences given with each question: short prefill, focused model
+    max_chunks: int | None = None  # only the first N chunks (a quick look, CI); None = all
+    seed: int = 42  # the split is a hash of (seed, chunk content): stable across runs
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""Generation speed for extract_faiss_data.py: batched vs one prompt at a time, and the extraction's overhead.
+
+    .venv/bin/python bench/generate.py                        # both parts, ~3-4 min on 2 idle cores
+    .venv/bin/python bench/generate.py --skip-extraction      # part 1 only
+    .venv/bin/python bench/generate.py --chunks 4 --prompts 8 --max-new-tokens 48   # quicker
+    .venv/bin/python bench/generate.py --out bench/out/generate.json
+
+One process, the bundled SmolLM2-135M-Instruct (or --model), loaded and warmed up
+before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
+
+  1. batched vs loop   the same question prompts (one per chunk, as the extractor
+                       writes them), greedy, same max_new_tokens: one
+                       ``Generator.generate`` call at --batch-size, then a loop of
+                       one-prompt calls. Generated tokens/s of each and the ratio
+                       (target >= 6x at batch 16), and how many outputs are
+                       identical between the two (left padding can flip a greedy
+                       token through float noise).
+  2. extraction        ``FAISSDataExtractor`` on --chunks chunks, every generate call
+                       recorded; then the same calls replayed bare. Extraction wall
+                       time / bare generation time for the same prompts (target <=
+                       1.3x): what parsing, filtering, embedding and file writing cost.
+
+Not a test: numbers depend on the machine and its load (shown); compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SHARED_DATA, cpu_note, say, table  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+
+QA_PDFS = sorted((SHARED_DATA / "qa_dev" / "pdfs").glob("*.pdf"))
+
+
+class Recorder:
+    """Wraps a Generator; remembers every generate call (prompts and settings) for the bare replay."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[tuple[list, dict]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, batch, **kwargs):
+        self.calls.append((list(batch), dict(kwargs)))
+        return self.inner.generate(batch, **kwargs)
+
+
+def part_batched_vs_loop(gen, prompts, batch_size: int, max_new_tokens: int) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
+    t = time.perf_counter()
+    batched = gen.generate(prompts, batch_size=batch_size, **kw)
+    t_batched = time.perf_counter() - t
+    say(f"  batched: {sum(r.new_tokens for r in batched)} tokens in {t_batched:.1f} s")
+    t = time.perf_counter()
+    single = [gen.generate([p], batch_size=1, **kw)[0] for p in prompts]
+    t_loop = time.perf_counter() - t
+    say(f"  loop:    {sum(r.new_tokens for r in single)} tokens in {t_loop:.1f} s")
+    tok_b, tok_l = sum(r.new_tokens for r in batched), sum(r.new_tokens for r in single)
+    return {
+        "prompts": len(prompts),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "batched_tokens": tok_b,
+        "batched_s": round(t_batched, 2),
+        "batched_tok_s": round(tok_b / t_batched, 1),
+        "loop_tokens": tok_l,
+        "loop_s": round(t_loop, 2),
+        "loop_tok_s": round(tok_l / t_loop, 1),
+        "speedup_tok_s": round((tok_b / t_batched) / (tok_l / t_loop), 2),
+        "speedup_wall": round(t_loop / t_batched, 2),
+        "identical_outputs": sum(a.text == b.text for a, b in zip(batched, single)),
+    }
+
+
+def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int, out_dir: Path) -> dict:
+    from memchat.config import ExtractConfig
+    from memchat.extraction import FAISSDataExtractor
+
+    rec = Recorder(gen)
+    cfg = ExtractConfig(max_pairs_per_chunk=pairs, batch_size=batch_size, max_chunks=chunks)
+    ex = FAISSDataExtractor(kb, rec, embedder=embedder, extract_config=cfg, output_dir=out_dir, progress=False)
+    gen.stats.reset()
+    t = time.perf_counter()
+    ex.create_training_dataset()
+    wall = time.perf_counter() - t
+    inside = gen.stats.seconds
+    tokens = gen.stats.new_tokens
+    say(f"  extraction: {wall:.1f} s wall, {inside:.1f} s inside generate, {tokens} tokens, {len(rec.calls)} calls")
+    gen.stats.reset()
+    t = time.perf_counter()
+    for batch, kwargs in rec.calls:
+        gen.generate(batch, **kwargs)
+    bare = time.perf_counter() - t
+    say(f"  bare replay: {bare:.1f} s, {gen.stats.new_tokens} tokens")
+    o = ex.report.stats["overall"]
+    return {
+        "chunks": chunks,
+        "pairs_per_chunk": pairs,
+        "generate_calls": len(rec.calls),
+        "prompts": sum(len(b) for b, _ in rec.calls),
+        "generated_tokens": tokens,
+        "extraction_wall_s": round(wall, 2),
+        "inside_generate_s": round(inside, 2),
+        "bare_replay_s": round(bare, 2),
+        "replay_tokens": gen.stats.new_tokens,
+        "wall_over_bare": round(wall / bare, 3),
+        "extraction_tok_s": round(tokens / wall, 1),
+        "records": ex.report.records,
+        "questions_kept": o["questions_kept"],
+        "questions_generated": o["questions_generated"],
+        "answers": o["answers"],
+        "dropped": o["dropped"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="bundled", help="generation model (default: the bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    g = p.add_argument_group("part 1: batched vs loop")
+    g.add_argument("--prompts", type=int, default=16, help="question prompts, one per chunk (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt at most (default 64)")
+    g.add_argument("--skip-loop", action="store_true", help="skip part 1")
+    g = p.add_argument_group("part 2: extraction overhead")
+    g.add_argument("--chunks", type=int, default=8, help="chunks extracted (default 8)")
+    g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
+    g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from memchat import qa
+    from memchat.generation import Generator
+    from memchat.knowledge import KnowledgeBase
+
+    results: dict = {"machine": cpu_note(0), "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="memchat-bench-gen-") as tmp:
+        os.environ["MEMCHAT_HOME"] = tmp
+        for k in ("MEMCHAT_KEY", "MEMCHAT_PASSPHRASE", "MEMCHAT_STORAGE_DIR"):
+            os.environ.pop(k, None)
+        say(f"building a knowledge base from {len(QA_PDFS)} qa_dev PDFs ...")
+        kb = KnowledgeBase()
+        kb.add_documents(QA_PDFS)
+        chunks = kb.chunks()
+        embedder = kb.embedder()
+        say(f"  {len(chunks)} chunks; loading {args.model} ...")
+        t = time.perf_counter()
+        gen = Generator(args.model)
+        results["model"] = gen.resolved.display_name
+        results["device"] = str(gen.device)
+        results["load_s"] = round(time.perf_counter() - t, 1)
+        gen.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)  # warm-up
+        if not args.skip_loop:
+            prompts = [qa.question_prompt(c["text"], 3) for c in (chunks * 4)[: args.prompts]]
+            say(f"part 1: {len(prompts)} prompts, batched (batch {args.batch_size}) vs one at a time ...")
+            results["batched_vs_loop"] = part_batched_vs_loop(gen, prompts, args.batch_size, args.max_new_tokens)
+        if not args.skip_extraction:
+            n = min(args.chunks, len(chunks))
+            say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
+            results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
+    results["load_after"] = cpu_note(0)
+
+    print(f"\nmodel {results['model']} on {results['device']}, torch threads {results['torch_threads']}; "
+          f"{results['machine']} -> {results['load_after']}")
+    if "batched_vs_loop" in results:
+        r = results["batched_vs_loop"]
+        print(table(
+            ["path", "prompts", "tokens", "seconds", "tokens/s"],
+            [[f"batched (batch {r['batch_size']})", r["prompts"], r["batched_tokens"], r["batched_s"], r["batched_tok_s"]],
+             ["one at a time", r["prompts"], r["loop_tokens"], r["loop_s"], r["loop_tok_s"]]],
+            title=f"\n1. batched vs loop, greedy, max_new_tokens {r['max_new_tokens']}",
+        ))
+        print(f"speed-up: {r['speedup_tok_s']}x tokens/s ({r['speedup_wall']}x wall); "
+              f"identical outputs {r['identical_outputs']}/{r['prompts']}  (target >= 6x at batch 16)")
+    if "extraction" in results:
+        r = results["extraction"]
+        print(table(
+            ["", "seconds", "tokens", "generate calls", "prompts"],
+            [["extraction (wall)", r["extraction_wall_s"], r["generated_tokens"], r["generate_calls"], r["prompts"]],
+             ["  of which inside generate", r["inside_generate_s"], "", "", ""],
+             ["bare generate, same calls", r["bare_replay_s"], r["replay_tokens"], r["generate_calls"], r["prompts"]]],
+            title=f"\n2. extraction of {r['chunks']} chunks, {r['pairs_per_chunk']} questions each",
+        ))
+        print(f"extraction / bare generation: {r['wall_over_bare']}x  (target <= 1.3x); "
+              f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
+              f"answers {r['answers']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

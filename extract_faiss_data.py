@@ -1,0 +1,119 @@
+"""Turn the encrypted knowledge base into fine-tuning data.
+
+    python extract_faiss_data.py                      # questions, answers and paraphrases for every chunk
+    python extract_faiss_data.py --max-chunks 20      # a quick look at the first 20 chunks
+    python extract_faiss_data.py --no-augment --pairs-per-chunk 2 --batch-size 8
+    python extract_faiss_data.py --restart            # throw away earlier results and start over
+
+Reads encrypted_faiss_storage/ (with the app's key rules) and writes
+training_data/faiss_training_data.json and training_data/training_stats.json.
+An interrupted run resumes where it stopped; after adding or changing PDFs only
+new or changed chunks are generated. training_data/ is NOT encrypted.
+
+Errors: one line on stderr, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memchat.config import ExtractConfig
+
+    d = ExtractConfig()
+    p = argparse.ArgumentParser(
+        prog="extract_faiss_data.py",
+        description="Generate question/answer training data from the encrypted knowledge base.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model_name,
+                   help=f"instruct model that writes questions and answers: hub id or local folder (default {d.model_name}; "
+                        "offline, the bundled SmolLM2-135M-Instruct is used, with a notice)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"prompts per generate call (default {d.batch_size}); lower it if memory runs out")
+
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--pairs-per-chunk", type=int, default=d.max_pairs_per_chunk, metavar="N",
+                   help=f"questions per chunk, 1 to 5 (default {d.max_pairs_per_chunk})")
+    aug = g.add_mutually_exclusive_group()
+    aug.add_argument("--augment", dest="augment", action="store_true", default=d.augment,
+                     help="also write paraphrases of each question that share its answer (default)")
+    aug.add_argument("--no-augment", dest="augment", action="store_false", help="originals only, no paraphrases")
+    g.add_argument("--variations", type=int, default=d.variations_per_question, metavar="N",
+                   help=f"paraphrases per question with --augment (default {d.variations_per_question})")
+    g.add_argument("--max-chunks", type=int, default=None, metavar="N",
+                   help="use only the first N chunks of the knowledge base (a quick look, CI); default all")
+    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
+                   help=f"share of chunks held out for validation (default {d.validation_fraction})")
+
+    g = p.add_argument_group("output and resuming")
+    g.add_argument("--output-dir", default=None,
+                   help="folder for faiss_training_data.json and training_stats.json (default training_data/)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="reuse finished chunks from an earlier or interrupted run (the default)")
+    mode.add_argument("--restart", action="store_true", help="discard earlier results and generate everything again")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from memchat.config import ExtractConfig
+    from memchat.errors import MemChatError
+    from memchat.extraction import FAISSDataExtractor
+
+    cfg = ExtractConfig(
+        model_name=args.model,
+        max_pairs_per_chunk=args.pairs_per_chunk,
+        augment=args.augment,
+        variations_per_question=args.variations,
+        batch_size=args.batch_size,
+        validation_fraction=args.validation_fraction,
+        max_chunks=args.max_chunks,
+    )
+    print(
+        f"settings: model={cfg.model_name} pairs_per_chunk={cfg.max_pairs_per_chunk} augment={cfg.augment} "
+        f"variations={cfg.variations_per_question if cfg.augment else 0} batch_size={cfg.batch_size} "
+        f"max_chunks={cfg.max_chunks or 'all'} validation_fraction={cfg.validation_fraction} "
+        f"{'restart' if args.restart else 'resume'}",
+        flush=True,
+    )
+    extractor = FAISSDataExtractor(extract_config=cfg, output_dir=args.output_dir, progress=not args.quiet,
+                                   notify=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        path = extractor.create_training_dataset(restart=args.restart)
+    except MemChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished chunks are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+
+    r = extractor.report
+    run, overall = r.stats["run"], r.stats["overall"]
+    print(f"chunks: {r.chunks_selected} ({r.chunks_generated} generated, {r.chunks_reused} reused from earlier runs)")
+    print(
+        f"records: {r.records} ({overall['records_train']} train, {overall['records_validation']} validation); "
+        f"questions kept {overall['questions_kept']} of {overall['questions_generated']}, "
+        f"paraphrases kept {overall['variations_kept']}, answers repaired from the text {overall['answers']['extractive']}"
+    )
+    if run.get("generated_tokens"):
+        print(
+            f"generation: {run['generated_tokens']} tokens in {run['generation_time_s']:.1f} s "
+            f"({run['tokens_per_s']} tokens/s), wall time {run['wall_time_s']:.1f} s, model {r.stats['generation']['model']}"
+        )
+    print(f"wrote {path} and {r.stats_path}")
+    print("Note: training_data/ is not encrypted; it holds your documents' content in plain text.")
+    if r.records == 0:
+        print(f"error: no question survived the filters (reasons in {r.stats_path}); "
+              "try a larger --model, or more chunks", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

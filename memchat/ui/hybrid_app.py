@@ -1,0 +1,199 @@
+"""The Streamlit hybrid app (``streamlit run main_hybrid.py``): RAG, fine-tuned, hybrid, or all three.
+
+Modes:
+  RAG         retrieve -> evidence -> grounded answer, with citations (``memchat.rag``)
+  Fine-tuned  the fine-tuned model alone, from its weights: no citations
+  Hybrid      the fine-tuned draft widens retrieval, the answer is grounded and cited
+              (``memchat.hybrid``)
+  Compare     the three side by side on the same question
+
+Every answer shows the time it took; every answer that used retrieval shows its
+sources (file, page). Without a knowledge base the RAG and hybrid modes are
+disabled with the reason; without a fine-tuned model, likewise the modes that need
+it. Models load once per server through ``st.cache_resource``, and only when a
+mode needs them.
+
+Environment: ``MEMCHAT_LLM`` overrides the RAG generation model (hub id or folder).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import streamlit as st
+
+from memchat.config import GenerationConfig
+from memchat.errors import MemChatError
+from memchat.hybrid import DEFAULT_STRATEGY, STRATEGIES
+from memchat.knowledge import KnowledgeBase
+from memchat.ui.finetuned_app import generation_settings, load_finetuned, model_summary
+from memchat.ui.rag_app import get_embedder, get_generator, show_sources
+
+MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
+NO_STORE = ("No knowledge base in encrypted_faiss_storage/ yet. Add PDFs first: python main.py "
+            "(the RAG app), or python main.py add FILE.pdf")
+
+
+def attach_embedder(kb: KnowledgeBase) -> KnowledgeBase:
+    """Give the knowledge base the cached embedder of the model it was built with."""
+    spec = kb.embedding_spec() or {}
+    kb._embedder = get_embedder(spec.get("model", kb.embed_cfg.model_name), spec.get("backend", kb.embed_cfg.backend))
+    return kb
+
+
+def availability(kb: KnowledgeBase) -> tuple[dict, object]:
+    """(reason each mode is unavailable, or None; the fine-tuned model or None)."""
+    try:
+        docs = kb.documents()
+    except MemChatError as exc:  # a store that does not open (wrong key, damaged)
+        st.error(str(exc))
+        st.stop()
+    rag_reason = None if docs else NO_STORE
+    chat, ft_reason = None, None
+    try:
+        chat = load_finetuned()
+    except MemChatError as exc:  # missing, or metadata of another version: the RAG mode still works
+        ft_reason = str(exc)
+    both = " ".join(r for r in (rag_reason, ft_reason) if r) or None
+    return {"RAG": rag_reason, "Fine-tuned": ft_reason, "Hybrid": both, "Compare": both}, chat
+
+
+def run_rag(rag, prompt: str) -> dict:
+    pieces, answer = rag.stream(prompt)
+    t0 = time.perf_counter()
+    st.write_stream(pieces)
+    seconds = answer.seconds or time.perf_counter() - t0
+    result = {"system": "RAG", "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
+    show_result_footer(result)
+    return result
+
+
+def run_finetuned(chat, prompt: str, settings: dict) -> dict:
+    t0 = time.perf_counter()
+    text = st.write_stream(chat.stream(prompt, **settings))
+    result = {"system": "Fine-tuned", "text": text or "", "answer": None, "seconds": time.perf_counter() - t0,
+              "model": chat.display_name}
+    show_result_footer(result)
+    return result
+
+
+def run_hybrid(hybrid, prompt: str) -> dict:
+    pieces, answer = hybrid.stream(prompt)
+    t0 = time.perf_counter()
+    st.write_stream(pieces)
+    seconds = answer.seconds or time.perf_counter() - t0
+    result = {"system": "Hybrid", "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
+    show_result_footer(result)
+    return result
+
+
+def show_result_footer(result: dict) -> None:
+    answer = result["answer"]
+    if answer is not None:
+        show_sources(answer)
+        if getattr(answer, "draft", ""):
+            with st.expander("Fine-tuned draft (used to widen the search)"):
+                st.text(answer.draft)
+    else:
+        st.caption("No retrieval: no citations.")
+    route = getattr(answer, "route", "") if answer is not None else ""
+    st.caption(f"⏱ {result['seconds']:.1f} s · {result['model']}" + (f" · answer: {route}" if route else ""))
+
+
+def show_history() -> None:
+    for msg in st.session_state.hybrid_messages:
+        with st.chat_message(msg["role"]):
+            if msg["role"] == "user":
+                st.markdown(msg["content"])
+                continue
+            results = msg["results"]
+            columns = st.columns(len(results)) if len(results) > 1 else [st.container()]
+            for col, result in zip(columns, results):
+                with col:
+                    if len(results) > 1:
+                        st.markdown(f"**{result['system']}**")
+                    st.markdown(result["text"])
+                    show_result_footer(result)
+
+
+def render() -> None:
+    st.set_page_config(page_title="Mem_Chat hybrid", page_icon="🔀", layout="wide")
+    st.title("🔀 Mem_Chat: RAG, fine-tuned, or both")
+    st.caption("RAG reads your documents at answer time and cites them; the fine-tuned model answers from what it "
+               "learned; the hybrid uses the fine-tuned model's draft to find the right passages, then answers from them.")
+    if "hybrid_messages" not in st.session_state:
+        st.session_state.hybrid_messages = []
+
+    kb = KnowledgeBase()
+    reasons, chat = availability(kb)
+    available = [m for m in MODES if reasons[m] is None]
+    if not available:
+        st.info("Nothing to chat with yet. " + reasons["Hybrid"])
+        st.stop()
+    mode = st.sidebar.radio(
+        "Mode", MODES, index=MODES.index(available[0]), key="mode",
+        captions=["unavailable: see below" if reasons[m] else "" for m in MODES],
+    )
+    for m in MODES:
+        if reasons[m] and m in ("RAG", "Fine-tuned"):
+            st.sidebar.caption(f"**{m} unavailable.** {reasons[m]}")
+    if chat is not None:
+        st.sidebar.caption(model_summary(chat))
+        if chat.notice:
+            st.warning(chat.notice)
+        stale = chat.staleness(kb=kb)
+        if stale:
+            st.warning(stale)
+    settings = generation_settings() if mode in ("Fine-tuned", "Compare") else {}
+    strategy = DEFAULT_STRATEGY
+    if mode in ("Hybrid", "Compare"):
+        strategy = st.sidebar.selectbox("Hybrid strategy", STRATEGIES, index=STRATEGIES.index(DEFAULT_STRATEGY),
+                                        help="expand: draft widens retrieval, grounded answer; verify: also keep "
+                                             "the draft when the evidence backs it better; route: by retrieval score")
+
+    show_history()
+    if reasons[mode]:
+        st.info(f"{mode} mode is unavailable. {reasons[mode]}")
+        st.stop()
+
+    rag = hybrid = None
+    if mode != "Fine-tuned":
+        from memchat.rag import RAGPipeline
+
+        model_name = os.environ.get("MEMCHAT_LLM", GenerationConfig.model_name)
+        generator = get_generator(model_name)
+        if generator.notice:
+            st.warning(generator.notice)
+        rag = RAGPipeline(attach_embedder(kb), generator, generation=GenerationConfig(model_name=model_name))
+        if mode in ("Hybrid", "Compare"):
+            from memchat.hybrid import HybridPipeline
+
+            hybrid = HybridPipeline(rag, chat, strategy=strategy)
+
+    if prompt := st.chat_input("Ask a question about your documents"):
+        st.session_state.hybrid_messages.append({"role": "user", "content": prompt})
+        with st.chat_message("user"):
+            st.markdown(prompt)
+        with st.chat_message("assistant"):
+            try:
+                if mode == "RAG":
+                    results = [run_rag(rag, prompt)]
+                elif mode == "Fine-tuned":
+                    results = [run_finetuned(chat, prompt, settings)]
+                elif mode == "Hybrid":
+                    results = [run_hybrid(hybrid, prompt)]
+                else:
+                    results = []
+                    for col, (name, run) in zip(st.columns(3), [
+                        ("RAG", lambda: run_rag(rag, prompt)),
+                        ("Fine-tuned", lambda: run_finetuned(chat, prompt, settings)),
+                        ("Hybrid", lambda: run_hybrid(hybrid, prompt)),
+                    ]):
+                        with col:
+                            st.markdown(f"**{name}**")
+                            results.append(run())
+            except MemChatError as exc:
+                st.error(str(exc))
+                st.stop()
+        st.session_state.hybrid_messages.append({"role": "assistant", "results": results})

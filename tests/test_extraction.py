@@ -1,0 +1,375 @@
+"""FAISSDataExtractor and extract_faiss_data.py: files, lineage, split, resume, incremental runs, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from memchat import config, qa
+from memchat.config import ExtractConfig
+from memchat.extraction import PROGRESS_FILENAME, FAISSDataExtractor
+from memchat.knowledge import KnowledgeBase
+from tests.fakes import FakeEmbedder
+from tests.qa_fakes import ScriptedGenerator
+
+REPO = Path(__file__).resolve().parents[1]
+QA_PDFS = sorted((REPO.parent / "shared" / "data" / "qa_dev" / "pdfs").glob("*.pdf"))
+SCRIPT = REPO / "extract_faiss_data.py"
+
+
+def make_kb(pdfs=QA_PDFS[:2]) -> KnowledgeBase:
+    k = KnowledgeBase(embedder=FakeEmbedder())
+    if pdfs:
+        assert all(r.status in ("added", "updated") for r in k.add_documents(pdfs))
+    return k
+
+
+def extractor(k, gen=None, out=None, **cfg) -> FAISSDataExtractor:
+    cfg.setdefault("batch_size", 3)
+    return FAISSDataExtractor(k, gen or ScriptedGenerator(), embedder=k._embedder, output_dir=out,
+                              extract_config=ExtractConfig(**cfg), progress=False)
+
+
+def load(path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def question_prompts(gen: ScriptedGenerator) -> list[str]:
+    """The chunk texts the generator was asked for questions about."""
+    return [m[-1]["content"].split('"""')[1].strip() for m in gen.prompts if m[0]["content"] == qa.QUESTION_SYSTEM]
+
+
+def run_script(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+# ---------------------------------------------------------------------------
+# The files
+# ---------------------------------------------------------------------------
+def test_dataset_and_stats_files():
+    k = make_kb()
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen)
+    path = ex.create_training_dataset(max_pairs_per_chunk=3, augment=True)
+    assert path == config.training_dir() / config.DATASET_FILENAME
+    doc = load(path)
+    assert doc["format"] == "memchat-training-data" and doc["format_version"] == config.DATASET_FORMAT_VERSION
+    assert doc["generator_model"] == "tests/scripted-model" and doc["created"]
+    assert doc["settings"]["max_pairs_per_chunk"] == 3 and doc["settings"]["augment"] is True
+    state = k.state()
+    assert doc["lineage"]["store_generation"] == state.generation
+    assert {d["name"]: (d["version"], d["sha256"]) for d in doc["lineage"]["documents"]} == {
+        d["name"]: (d["version"], d["sha256"]) for d in k.documents()
+    }
+    chunks = {c["id"]: c for c in k.chunks()}
+    records = doc["records"]
+    assert records and len({r["id"] for r in records}) == len(records)
+    fields = {"id", "question", "answer", "kind", "source_question_id", "split", "document", "doc_version",
+              "page_start", "page_end", "chunk_id", "chunk_hash"}
+    originals = {r["source_question_id"]: r for r in records if r["kind"] == "original"}
+    for r in records:
+        assert fields <= set(r)
+        c = chunks[r["chunk_id"]]
+        assert (r["document"], r["doc_version"], r["page_start"], r["page_end"], r["chunk_hash"]) == (
+            c["document"], c["version"], c["page_start"], c["page_end"], c["hash"])
+        assert r["kind"] in ("original", "variation") and r["split"] in ("train", "validation")
+        assert r["question"].endswith("?") and r["answer"].strip()
+        src = originals[r["source_question_id"]]
+        assert src["answer"] == r["answer"] and src["chunk_id"] == r["chunk_id"]
+    # the scripted model's made-up answers were repaired from the text, and counted
+    assert {r["answer_source"] for r in records} == {"model", "extractive"}
+    for r in records:
+        if r["answer_source"] == "extractive":
+            assert r["answer"] in chunks[r["chunk_id"]]["text"].replace("\n", " ") or r["answer"][:40] in " ".join(
+                chunks[r["chunk_id"]]["text"].split())
+
+    stats = load(config.training_dir() / config.STATS_FILENAME)
+    o = stats["overall"]
+    assert o["chunks"] == len(chunks) and o["records"] == len(records)
+    assert o["questions_kept"] == len(originals) and o["variations_kept"] == len(records) - len(originals)
+    assert o["answers"]["model"] + o["answers"]["extractive"] >= o["questions_kept"]
+    assert o["answers"]["extractive"] >= 1 and o["dropped"]["answers_parse"]["not_grounded"] >= 1
+    assert o["dropped"]["questions"]["about_the_text"] >= 1  # "What does the text say?"
+    assert o["retry_prompts"] >= 1 and o["questions_from_retry"] >= 1
+    assert o["repaired"]["questions"]["label_removed"] >= 1
+    assert set(stats["documents"]) == {p.name for p in QA_PDFS[:2]}
+    assert sum(d["records"] for d in stats["documents"].values()) == len(records)
+    run = stats["run"]
+    assert run["chunks_generated"] == len({c["hash"] for c in chunks.values()}) and run["chunks_reused"] == 0
+    assert run["generated_tokens"] == gen.stats.new_tokens > 0 and run["tokens_per_s"] > 0
+    # few generate calls: at most one per stage (questions, retry, answers, paraphrases) per group of chunks
+    groups = -(-len(chunks) // 3)
+    assert gen.calls == run["generate_calls"] <= 4 * groups
+    # nothing but the two files and the progress file
+    assert sorted(p.name for p in config.training_dir().iterdir() if not p.name.startswith(".")) == sorted(
+        [config.DATASET_FILENAME, config.STATS_FILENAME, PROGRESS_FILENAME])
+
+
+def test_no_augment_and_pairs_limit():
+    k = make_kb(QA_PDFS[:1])
+    ex = extractor(k)
+    doc = load(ex.create_training_dataset(max_pairs_per_chunk=1, augment=False))
+    assert {r["kind"] for r in doc["records"]} == {"original"}
+    per_chunk = {}
+    for r in doc["records"]:
+        per_chunk[r["chunk_id"]] = per_chunk.get(r["chunk_id"], 0) + 1
+    assert max(per_chunk.values()) == 1
+    with pytest.raises(Exception, match="1 to 5"):
+        extractor(k).create_training_dataset(max_pairs_per_chunk=6)
+
+
+def test_split_never_leaks_a_variation():
+    k = make_kb(QA_PDFS)
+    doc = load(extractor(k, validation_fraction=0.4).create_training_dataset())
+    records = doc["records"]
+    by_qid = {}
+    for r in records:
+        by_qid.setdefault(r["source_question_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_qid.values())  # a question and all its paraphrases: one side
+    by_chunk = {}
+    for r in records:
+        by_chunk.setdefault(r["chunk_hash"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_chunk.values())
+    splits = {r["split"] for r in records}
+    assert splits == {"train", "validation"}
+    train_q = {qa.normalize(r["question"]) for r in records if r["split"] == "train"}
+    assert not any(qa.normalize(r["question"]) in train_q for r in records if r["split"] == "validation")
+
+
+# ---------------------------------------------------------------------------
+# Resume and incremental runs
+# ---------------------------------------------------------------------------
+def _strip(doc: dict) -> list[dict]:
+    return doc["records"]
+
+
+def _no_split(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "split"} for r in records]
+
+
+def test_resume_after_a_crash_redoes_nothing_and_matches(tmp_path):
+    k = make_kb(QA_PDFS[:3])
+    clean = load(extractor(k, out=tmp_path / "clean").create_training_dataset())
+
+    crashing = ScriptedGenerator(fail_after_calls=5)  # mid-way through the second group
+    with pytest.raises(RuntimeError, match="injected"):
+        extractor(k, crashing).create_training_dataset()
+    progress_file = config.training_dir() / PROGRESS_FILENAME
+    done = [json.loads(line)["hash"] for line in progress_file.read_text().splitlines()]
+    assert 0 < len(done) < len({c["hash"] for c in k.chunks()})
+    assert not (config.training_dir() / config.DATASET_FILENAME).exists()
+
+    again = ScriptedGenerator()
+    ex = extractor(k, again)
+    resumed = load(ex.create_training_dataset())
+    asked = question_prompts(again)
+    texts_done = {c["text"].strip() for c in k.chunks() if c["hash"] in done}
+    assert not texts_done & set(asked)  # finished chunks were not asked again
+    assert ex.report.chunks_reused == len(done)
+    assert _strip(resumed) == _strip(clean)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    k = make_kb(QA_PDFS[:3])
+    driver = textwrap.dedent(
+        """
+        import sys
+        from memchat.config import ExtractConfig
+        from memchat.extraction import FAISSDataExtractor
+        from memchat.knowledge import KnowledgeBase
+        from tests.fakes import FakeEmbedder
+        from tests.qa_fakes import ScriptedGenerator
+        emb = FakeEmbedder()
+        ex = FAISSDataExtractor(KnowledgeBase(embedder=emb), ScriptedGenerator(delay=0.15), embedder=emb,
+                                extract_config=ExtractConfig(batch_size=3), progress=False,
+                                on_group_done=lambda n, _: print("group", n, flush=True))
+        ex.create_training_dataset()
+        print("finished", flush=True)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("group 1"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        time.sleep(0.2)  # somewhere inside the second group
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    progress_file = config.training_dir() / PROGRESS_FILENAME
+    done = {json.loads(line)["hash"] for line in progress_file.read_text().splitlines() if line.strip()}
+    assert 0 < len(done) < len({c["hash"] for c in k.chunks()})
+
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen)
+    resumed = load(ex.create_training_dataset())
+    assert len(question_prompts(gen)) == len({c["hash"] for c in k.chunks()}) - len(done)
+    clean = load(extractor(k, out=tmp_path / "clean").create_training_dataset())
+    assert _strip(resumed) == _strip(clean)
+
+
+def test_incremental_runs_touch_only_changed_chunks():
+    k = make_kb(QA_PDFS[:2])
+    first = load(extractor(k).create_training_dataset())
+    old_hashes = {c["hash"] for c in k.chunks()}
+
+    # nothing changed: no generation at all, same records
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen)
+    assert _strip(load(ex.create_training_dataset())) == _strip(first)
+    assert gen.calls == 0 and ex.report.chunks_generated == 0
+
+    # a new document: only its chunks are generated; earlier records are kept as they were
+    k.add_documents(QA_PDFS[2:3])
+    gen = ScriptedGenerator()
+    second = load(extractor(k, gen).create_training_dataset())
+    new_chunks = [c for c in k.chunks() if c["document"] == QA_PDFS[2].name]
+    assert sorted(question_prompts(gen)) == sorted({c["text"].strip() for c in new_chunks if c["hash"] not in old_hashes})
+    old_records = [r for r in second["records"] if r["document"] != QA_PDFS[2].name]
+    # (the split may move only through the "at least one validation chunk" rule of a tiny store)
+    assert _no_split(old_records) == _no_split(first["records"])
+    assert any(r["document"] == QA_PDFS[2].name for r in second["records"])
+
+    # a changed document (new version, other content): its new chunks only; old version's records gone
+    k.add_documents([(QA_PDFS[0].name, QA_PDFS[3].read_bytes())])
+    gen = ScriptedGenerator()
+    third = load(extractor(k, gen).create_training_dataset())
+    v2 = [c for c in k.chunks() if c["document"] == QA_PDFS[0].name]
+    assert {c["version"] for c in v2} == {2}
+    known = {json.loads(x)["hash"] for x in (config.training_dir() / PROGRESS_FILENAME).read_text().splitlines()}
+    assert len(question_prompts(gen)) <= len(v2)
+    assert all(r["doc_version"] == 2 for r in third["records"] if r["document"] == QA_PDFS[0].name)
+    assert {r["chunk_id"] for r in third["records"]} <= {c["id"] for c in k.chunks()}
+
+    # a removed document: no generation; its records and its progress lines are gone
+    removed_hashes = {c["hash"] for c in k.chunks() if c["document"] == QA_PDFS[1].name}
+    k.remove(QA_PDFS[1].name)
+    gen = ScriptedGenerator()
+    fourth = load(extractor(k, gen).create_training_dataset())
+    assert gen.calls == 0
+    assert not any(r["document"] == QA_PDFS[1].name for r in fourth["records"])
+    assert QA_PDFS[1].name not in {d["name"] for d in fourth["lineage"]["documents"]}
+    known = {json.loads(x)["hash"] for x in (config.training_dir() / PROGRESS_FILENAME).read_text().splitlines()}
+    assert not (removed_hashes - {c["hash"] for c in k.chunks()}) & known
+
+
+def test_settings_change_regenerates_and_restart_starts_over():
+    k = make_kb(QA_PDFS[:1])
+    n_chunks = len({c["hash"] for c in k.chunks()})
+    extractor(k).create_training_dataset()
+    gen = ScriptedGenerator()
+    extractor(k, gen).create_training_dataset(max_pairs_per_chunk=2)  # other settings: other results
+    assert len(question_prompts(gen)) == n_chunks
+    gen = ScriptedGenerator()
+    extractor(k, gen).create_training_dataset(max_pairs_per_chunk=2, restart=True)
+    assert len(question_prompts(gen)) == n_chunks
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen)
+    ex.create_training_dataset(max_pairs_per_chunk=2, max_chunks=1)
+    assert gen.calls == 0 and ex.report.chunks_selected == 1 and ex.report.records > 0
+
+
+def test_max_chunks_limits_the_work():
+    k = make_kb(QA_PDFS[:2])
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen)
+    doc = load(ex.create_training_dataset(max_chunks=2))
+    first_two = [c["id"] for c in k.chunks()[:2]]
+    assert {r["chunk_id"] for r in doc["records"]} <= set(first_two)
+    assert len(question_prompts(gen)) == 2
+    # the rest later, reusing those two
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen)
+    ex.create_training_dataset()
+    assert ex.report.chunks_reused == 2 and len(question_prompts(gen)) == len({c["hash"] for c in k.chunks()}) - 2
+
+
+def test_real_generator_tiny_qwen_never_crashes(tiny_qwen_dir, torch_single_thread):
+    """The real batched Generator on a random tiny model: gibberish in, counted drops out."""
+    from memchat.generation import Generator
+
+    k = make_kb(QA_PDFS[:1])
+    gen = Generator(str(tiny_qwen_dir))
+    cfg = dict(batch_size=4, max_new_tokens=24, answer_max_new_tokens=24, max_pairs_per_chunk=2, variations_per_question=1)
+    ex = extractor(k, gen, **cfg)
+    ex.create_training_dataset(max_chunks=2)
+    run = ex.report.stats["run"]
+    assert 1 <= gen.stats.calls and run["generate_calls"] <= 4
+    assert run["generated_tokens"] > 0
+    o = ex.report.stats["overall"]
+    assert o["records"] == ex.report.records
+    assert sum(o["dropped_total"].values()) > 0  # gibberish is dropped, by cause
+
+
+# ---------------------------------------------------------------------------
+# The script's errors
+# ---------------------------------------------------------------------------
+def test_script_without_store(monkeypatch, capsys):
+    code, out, err = run_script(monkeypatch, capsys, "--quiet")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "python main.py add FILE.pdf" in lines[0]
+    assert not (config.training_dir() / config.DATASET_FILENAME).exists()
+
+
+def test_script_with_empty_store(monkeypatch, capsys):
+    k = make_kb(QA_PDFS[:1])
+    k.remove(QA_PDFS[0].name)
+    code, out, err = run_script(monkeypatch, capsys, "--quiet")
+    assert code == 1
+    assert "no documents" in err and "python main.py add FILE.pdf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_script_with_wrong_key(monkeypatch, capsys):
+    from cryptography.fernet import Fernet
+
+    make_kb(QA_PDFS[:1])
+    monkeypatch.setenv("MEMCHAT_KEY", Fernet.generate_key().decode())
+    code, out, err = run_script(monkeypatch, capsys, "--quiet")
+    assert code == 1
+    assert "does not open the store" in err and len(err.strip().splitlines()) == 1
+
+
+def test_script_help_lists_grouped_flags(monkeypatch, capsys):
+    code, out, _ = run_script(monkeypatch, capsys, "--help")
+    assert code == 0
+    for flag in ("--model", "--pairs-per-chunk", "--no-augment", "--batch-size", "--max-chunks", "--output-dir",
+                 "--resume", "--restart"):
+        assert flag in out
+    assert "what to generate" in out and "output and resuming" in out
+
+
+@pytest.mark.slow
+def test_end_to_end_bundled_model_via_script(monkeypatch, capsys):
+    """A user's run: a real PDF, the real embedder, the bundled SmolLM2 (offline fallback), two chunks."""
+    KnowledgeBase().add_documents(QA_PDFS[:1])
+    code, out, err = run_script(monkeypatch, capsys, "--max-chunks", "2", "--pairs-per-chunk", "2", "--variations", "1",
+                                "--quiet")
+    assert code == 0, err
+    assert "SmolLM2-135M-Instruct" in err  # the one visible fallback notice
+    doc = load(config.training_dir() / config.DATASET_FILENAME)
+    stats = load(config.training_dir() / config.STATS_FILENAME)
+    assert doc["generator_model"] == config.BUNDLED_LLM_NAME
+    assert stats["run"]["chunks_generated"] == 2 and stats["run"]["generated_tokens"] > 0
+    assert doc["records"], stats["overall"]
+    chunk_words = {c["id"]: qa.content_words(c["text"]) for c in KnowledgeBase().chunks()}
+    for r in doc["records"]:
+        assert r["question"].endswith("?") and r["answer"]
+        assert r["document"] == QA_PDFS[0].name and r["chunk_id"] in chunk_words
+        assert qa.support(r["answer"], chunk_words[r["chunk_id"]]) >= 0.5  # grounded in its chunk
+    assert "records:" in out and "not encrypted" in out

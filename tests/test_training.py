@@ -1,0 +1,420 @@
+"""Fine-tuning: data checks, answer-only labels, the Trainer recipe, saving, resume, the script.
+
+Tiny random models (tests/tiny_models.py) train for a few dozen steps in seconds; no
+timings here (bench/train.py measures speed).
+"""
+
+import hashlib
+import json
+import logging
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memchat import config
+from memchat.errors import DatasetError, MemChatError
+from memchat.training import (
+    CHECKPOINTS_DIRNAME,
+    IGNORE_INDEX,
+    MODEL_META_FORMAT,
+    MODEL_META_VERSION,
+    RUN_STATE_FILENAME,
+    AnswerOnlyCollator,
+    ConversationalTrainer,
+    TrainingOutOfMemoryError,
+    build_dataset,
+    load_training_data,
+    prompt_ids,
+    read_model_meta,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_conversational.py"
+
+# Small enough to memorise in a few dozen steps; words the tiny tokenizers know.
+PAIRS = [
+    ("What is the capital of France?", "Paris is the capital."),
+    ("What is the capital of Germany?", "Berlin is the capital."),
+    ("What is the capital of Italy?", "Rome is the capital."),
+    ("Which river flows north?", "The river flows north through the valley."),
+]
+LINEAGE = {"documents": [{"name": "a.pdf", "version": 2, "sha256": "ab" * 32}], "store_generation": "g7"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(torch_single_thread):
+    """Tiny matrices: one thread is faster on a busy 2-core machine."""
+
+
+def write_dataset(path=None, pairs=PAIRS, validation=((PAIRS[0][0], PAIRS[0][1]),), **top) -> Path:
+    path = Path(path or config.training_dir() / config.DATASET_FILENAME)
+    records = [
+        {"id": f"r{i}", "question": q, "answer": a, "kind": "original", "source_question_id": f"q{i}",
+         "split": "train", "document": "a.pdf", "doc_version": 2, "page_start": 1, "page_end": 1,
+         "chunk_id": i, "chunk_hash": f"h{i}"}
+        for i, (q, a) in enumerate(pairs)
+    ]
+    records += [
+        {"id": f"v{i}", "question": q, "answer": a, "kind": "original", "split": "validation", "document": "a.pdf"}
+        for i, (q, a) in enumerate(validation)
+    ]
+    doc = {"format": "memchat-training-data", "format_version": 1, "created": "2025-01-01T00:00:00+00:00",
+           "generator_model": "tiny", "settings": {}, "lineage": LINEAGE, "records": records, **top}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def tokenizer_of(folder):
+    from memchat.models import load_tokenizer
+
+    return load_tokenizer(str(folder))
+
+
+# ---------------------------------------------------------------------------
+# Answer-only labels, exact positions
+# ---------------------------------------------------------------------------
+def test_dialogpt_format_labels_only_the_answer(tiny_gpt2_dir):
+    tok = tokenizer_of(tiny_gpt2_dir)
+    eos = tok.eos_token_id
+    q, a = "What is the capital of France?", "Paris is the capital."
+    split = build_dataset([{"question": f"  {q} ", "answer": a}], tok, max_length=512)
+    row = split.dataset[0]
+    q_ids = tok(q, add_special_tokens=False)["input_ids"]
+    a_ids = tok(a, add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == q_ids + [eos] + a_ids + [eos]  # question<eos>answer<eos>
+    assert row["labels"] == [IGNORE_INDEX] * (len(q_ids) + 1) + a_ids + [eos]
+    assert row["length"] == len(row["input_ids"])
+    assert prompt_ids(tok, q) == q_ids + [eos]  # what inference feeds
+    assert split.answer_tokens == len(a_ids) + 1 and split.tokens == len(row["input_ids"])
+
+
+def test_chat_template_labels_only_the_assistant_content(tiny_qwen_dir):
+    tok = tokenizer_of(tiny_qwen_dir)
+    q, a = "Which river flows north?", "The river flows north."
+    row = build_dataset([{"question": q, "answer": a}], tok, max_length=512).dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    n_masked = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    assert all(x == IGNORE_INDEX for x in labels[:n_masked])
+    assert labels[n_masked:] == ids[n_masked:]
+    # Masked: the whole prompt, exactly what generation is given; supervised: answer + end of turn.
+    assert tok.decode(ids[:n_masked]) == "<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[:n_masked] == prompt_ids(tok, q)
+    assert tok.decode(ids[n_masked:]) == a + "<|im_end|>"
+    # The template's own {% generation %} marks agree position by position.
+    mask = tok.apply_chat_template(
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+    )
+    template_ids, assistant = mask["input_ids"], mask["assistant_masks"]
+    assert template_ids[: len(ids)] == ids
+    assert [i for i, m in enumerate(assistant) if m] == list(range(n_masked, len(ids)))
+
+
+def test_too_long_examples_are_cut_or_skipped(tiny_gpt2_dir):
+    tok = tokenizer_of(tiny_gpt2_dir)
+    q, a = "What is the capital of France?", "Paris is the capital and largest city of France."
+    n_prompt = len(prompt_ids(tok, q))
+    split = build_dataset([{"question": q, "answer": a}, {"question": q * 5, "answer": a}], tok, max_length=n_prompt + 3)
+    assert (split.truncated, split.skipped, len(split.dataset)) == (1, 1, 1)
+    row = split.dataset[0]
+    assert len(row["input_ids"]) == n_prompt + 3 and sum(x != IGNORE_INDEX for x in row["labels"]) == 3
+
+
+def test_collator_pads_each_batch_to_its_own_longest():
+    collate = AnswerOnlyCollator(pad_token_id=0)
+    batch = collate([
+        {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8], "length": 4},
+        {"input_ids": [5, 9], "labels": [IGNORE_INDEX, 9], "length": 2},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 9, 0, 0]]  # 4 = longest here, not max_length
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7, 8], [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    assert AnswerOnlyCollator(0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])[
+        "input_ids"].shape == (1, 8)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+BAD_DATA = {
+    "missing": (None, r"No training data at .*faiss_training_data\.json\. Make it with: python extract_faiss_data\.py"),
+    "empty": ("  \n", r"faiss_training_data\.json is empty\. Make it again"),
+    "not json": ("{records: [", r"is not valid JSON \(.* at line 1, column 2\)"),
+    "other format": (json.dumps([{"question": "q", "answer": "a"}]), r'is not Mem_Chat training data \(no "format"'),
+    "other version": (json.dumps({"format": "memchat-training-data", "format_version": 9, "records": []}),
+                      r"has format version 9; this Mem_Chat reads version 1"),
+    "no records": (json.dumps({"format": "memchat-training-data", "format_version": 1, "records": []}),
+                   r"holds no question/answer records"),
+    "record without answer": (json.dumps({"format": "memchat-training-data", "format_version": 1,
+                                          "records": [{"id": "r1", "question": "q?", "answer": " "}]}),
+                              r"record 1 \(id 'r1'\) has no answer"),
+    "only validation": (json.dumps({"format": "memchat-training-data", "format_version": 1,
+                                    "records": [{"question": "q?", "answer": "a", "split": "validation"}]}),
+                        r"has no training records \(all 1 are validation\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_one_clear_line(case):
+    text, message = BAD_DATA[case]
+    path = config.training_dir() / config.DATASET_FILENAME
+    if text is not None:
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    with pytest.raises(DatasetError, match=message) as exc:
+        load_training_data(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_data_file_is_read_with_its_lineage():
+    path = write_dataset()
+    data = load_training_data(path.parent)  # the folder works too
+    assert data.counts == {"train": 4, "validation": 1, "total": 5}
+    assert data.lineage == LINEAGE
+    assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_early_stopping_needs_validation_records(tiny_gpt2_dir):
+    write_dataset(validation=())
+    with pytest.raises(DatasetError, match="no validation records, and early stopping needs them"):
+        ConversationalTrainer(model_name=str(tiny_gpt2_dir), early_stopping_patience=2).prepare()
+
+
+# ---------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------
+def test_trainer_setup_follows_the_guide(tiny_qwen_dir):
+    from transformers import EarlyStoppingCallback
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    write_dataset()
+    ct = ConversationalTrainer(model_name=str(tiny_qwen_dir), early_stopping_patience=3)
+    trainer = ct.build_trainer("run1")
+    args = trainer.args
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (15, 4, 8)
+    assert args.learning_rate == 3e-4 and args.lr_scheduler_type.value == "cosine" and args.warmup_steps == 0.05
+    assert args.gradient_checkpointing and not (args.bf16 or args.fp16)  # mixed precision only on CUDA
+    assert args.eval_strategy.value == "epoch" and args.save_strategy.value == "epoch"
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    tensorboard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback))
+    assert Path(tensorboard.logging_dir) == config.finetuned_dir() / "runs" / "run1"
+    assert any(isinstance(c, EarlyStoppingCallback) for c in trainer.callback_handler.callbacks)
+    assert Path(args.output_dir) == config.finetuned_dir() / CHECKPOINTS_DIRNAME
+
+
+def _greedy_answer(folder: Path, question: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([prompt_ids(tok, question)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_training_learns_saves_and_reloads(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = write_dataset()
+    before = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).state_dict()
+    ct = ConversationalTrainer(
+        model_name=str(tiny_gpt2_dir), num_train_epochs=30, gradient_accumulation_steps=1,
+        learning_rate=1e-2, warmup_ratio=0.0, logging_steps=1, progress=False,
+    )
+    result = ct.train()
+
+    out = config.finetuned_dir()
+    assert result.output_dir == out and result.global_step == 30
+    # A loss was logged each step and it fell on this memorisable set.
+    losses = [e["loss"] for e in ct.last_log_history if "loss" in e]
+    assert len(losses) >= 25 and losses[-1] < 0.25 * losses[0]
+    # The saved folder is complete, holds no pickle, and keeps no checkpoints after a finished run.
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            config.FINETUNED_META_FILENAME, "runs"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names) and CHECKPOINTS_DIRNAME not in names
+    # Parameters changed, the folder reloads, and it answers a trained question.
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert _greedy_answer(out, "What is the capital of Italy?") == "Rome is the capital."
+    # ... and through the app's own loader, which must build the very prompt training used.
+    from memchat.finetuned import FineTunedChat
+
+    assert FineTunedChat().answer("What is the capital of Italy?") == "Rome is the capital."
+
+    meta = read_model_meta(out)
+    assert (meta["format"], meta["format_version"]) == (MODEL_META_FORMAT, MODEL_META_VERSION)
+    assert meta["base_model"]["requested"] == str(tiny_gpt2_dir) and meta["base_model"]["notice"] is None
+    assert meta["prompt_format"] == "eos_separated"
+    assert meta["dataset"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert meta["dataset"]["records"] == {"train": 4, "validation": 1, "total": 5}
+    assert meta["lineage"] == LINEAGE
+    assert meta["settings"]["num_train_epochs"] == 30 and meta["settings"]["learning_rate"] == 1e-2
+    results = meta["results"]
+    assert results["train_loss"] == pytest.approx(losses[-1])
+    assert results["eval_loss"] is not None and results["eval_loss"] == min(
+        e["eval_loss"] for e in ct.last_log_history if "eval_loss" in e)  # the best epoch is what was kept
+    assert results["global_step"] == 30 and results["resumed_from_step"] is None
+
+    # TensorBoard: training loss, validation loss and learning rate.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (out / "runs").iterdir()
+    tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    assert {"train/loss", "eval/loss", "train/learning_rate"} <= set(tags)
+
+
+def test_chat_model_learns_through_its_template(tiny_qwen_dir):
+    write_dataset(validation=())
+    result = ConversationalTrainer(model_name=str(tiny_qwen_dir), num_train_epochs=25, gradient_accumulation_steps=1,
+                                   learning_rate=1e-2, warmup_ratio=0.0, progress=False).train()
+    meta = read_model_meta(result.output_dir)
+    assert meta["prompt_format"] == "chat_template" and meta["results"]["eval_loss"] is None
+    from transformers import AutoTokenizer
+
+    from memchat.finetuned import FineTunedChat
+
+    assert AutoTokenizer.from_pretrained(result.output_dir).chat_template  # inference uses the same template
+    assert _greedy_answer(result.output_dir, "Which river flows north?") == "The river flows north through the valley."
+    assert FineTunedChat().answer("What is the capital of France?") == "Paris is the capital."
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_checkpoint_step(tiny_gpt2_dir):
+    from transformers import TrainerCallback
+
+    class StopAfterSecondSave(TrainerCallback):
+        saves = 0
+
+        def on_save(self, args, state, control, **kwargs):
+            StopAfterSecondSave.saves += 1
+            if StopAfterSecondSave.saves == 2:
+                raise _Interrupted()
+
+    class FirstStep(TrainerCallback):
+        seen = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            FirstStep.seen = state.global_step
+
+    write_dataset()
+    settings = dict(model_name=str(tiny_gpt2_dir), num_train_epochs=4, gradient_accumulation_steps=1,
+                    gradient_checkpointing=False, progress=False)  # 4 examples / batch 4: one step per epoch
+    with pytest.raises(_Interrupted):
+        ConversationalTrainer(**settings, callbacks=[StopAfterSecondSave()]).train()
+    checkpoints = config.finetuned_dir() / CHECKPOINTS_DIRNAME
+    assert (checkpoints / "checkpoint-2").is_dir() and (checkpoints / RUN_STATE_FILENAME).is_file()
+    assert not (config.finetuned_dir() / "model.safetensors").exists()  # nothing final yet
+
+    result = ConversationalTrainer(**settings, resume=True, callbacks=[FirstStep()]).train()
+    assert FirstStep.seen == 2  # picked up at the checkpoint's step, not from zero
+    assert result.resumed_from_step == 2 and result.global_step == 4
+    assert read_model_meta(result.output_dir)["results"]["resumed_from_step"] == 2
+    assert len(list((config.finetuned_dir() / "runs").iterdir())) == 1  # one TensorBoard run, continued
+
+
+def test_resume_refuses_other_data_or_nothing_to_resume(tiny_gpt2_dir):
+    write_dataset()
+    with pytest.raises(MemChatError, match="Nothing to resume: no checkpoint in .*Start a new run"):
+        ConversationalTrainer(model_name=str(tiny_gpt2_dir), resume=True).train()
+    checkpoints = config.finetuned_dir() / CHECKPOINTS_DIRNAME / "checkpoint-3"
+    checkpoints.mkdir(parents=True)
+    (checkpoints.parent / RUN_STATE_FILENAME).write_text(json.dumps({"dataset_sha256": "0" * 64}))
+    with pytest.raises(MemChatError, match="made from other training data .*without --resume"):
+        ConversationalTrainer(model_name=str(tiny_gpt2_dir), resume=True).train()
+
+
+def test_out_of_memory_suggests_the_guides_remedies(tiny_gpt2_dir, monkeypatch):
+    import transformers
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transformers.Trainer, "train", oom)
+    write_dataset()
+    with pytest.raises(TrainingOutOfMemoryError, match="--batch-size 2 --grad-accum 4 --gradient-checkpointing"):
+        ConversationalTrainer(model_name=str(tiny_gpt2_dir)).train()
+
+
+# ---------------------------------------------------------------------------
+# The script, run as a user would
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def restore_logging():
+    """The script configures logging for a terminal; give the next test the defaults back."""
+    import transformers
+
+    logger = logging.getLogger("memchat")
+    saved = (logger.handlers[:], logger.level, logger.propagate, transformers.logging.get_verbosity())
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[:3]
+    transformers.logging.set_verbosity(saved[3])
+    transformers.utils.logging.enable_progress_bar()
+
+
+def run_script(monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.mark.parametrize("case", ["missing", "not json", "record without answer"])
+def test_script_bad_data_exit_1_one_line(case, monkeypatch, capsys, restore_logging):
+    text, message = BAD_DATA[case]
+    if text is not None:
+        path = config.training_dir() / config.DATASET_FILENAME
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    code, out, err = run_script(monkeypatch, capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(message, err)
+
+
+def test_script_out_of_memory_exit_1(tiny_gpt2_dir, monkeypatch, capsys, restore_logging):
+    import transformers
+
+    monkeypatch.setattr(transformers.Trainer, "train",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    write_dataset()
+    code, _, err = run_script(monkeypatch, capsys, "--model", str(tiny_gpt2_dir))
+    assert code == 1 and err.count("\n") == 1
+    assert "Out of GPU memory" in err and "--batch-size 2 --grad-accum 4 --gradient-checkpointing" in err
+
+
+def test_script_offline_fallback_notice_and_flags(tiny_qwen_dir, monkeypatch, capsys, restore_logging):
+    """microsoft/DialoGPT-small offline -> the bundled model (here: the tiny Qwen in its place), one notice."""
+    from memchat import models
+
+    monkeypatch.setattr(models, "_notices_logged", set())
+    monkeypatch.setattr(models, "_bundled", lambda requested, kind, notice=None: models.ResolvedModel(
+        requested, str(tiny_qwen_dir), "bundled", notice=notice, kind=kind))
+    monkeypatch.setenv("HF_HUB_CACHE", str(config.home() / "empty-hub-cache"))
+    (config.home() / "settings.json").write_text(json.dumps({"num_train_epochs": 3, "learning_rate": 1e-3}))
+    write_dataset()
+    code, out, err = run_script(monkeypatch, capsys, "--config", "settings.json", "--epochs", "1",
+                                "--grad-accum", "1", "--quiet")
+    assert code == 0, err
+    notices = [line for line in out.splitlines() if "not available offline" in line]
+    assert notices == ["Note: Model 'microsoft/DialoGPT-small' is not available offline; "
+                       "using SmolLM2-135M-Instruct (bundled)."]
+    assert "settings:" in out and "done: " in out and "curves: tensorboard --logdir" in out
+    meta = read_model_meta(config.finetuned_dir())
+    assert meta["base_model"]["requested"] == "microsoft/DialoGPT-small"
+    assert meta["base_model"]["resolved"] == config.BUNDLED_LLM_NAME and meta["base_model"]["notice"]
+    # defaults < --config < flags
+    assert meta["settings"]["num_train_epochs"] == 1 and meta["settings"]["learning_rate"] == 1e-3
+    assert meta["settings"]["gradient_accumulation_steps"] == 1 and meta["settings"]["progress"] is False
