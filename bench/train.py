@@ -40,6 +40,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -275,7 +276,10 @@ def run_variant(args) -> dict:
     rss_before = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
     (t0, c0), (t1, c1) = marks[args.warmup - 1], marks[-1]
     seconds = t1 - t0
@@ -328,11 +332,14 @@ def _child(argv: list[str], variant: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--variant", variant, "--json-out", out]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:])
-        raise SystemExit(f"{variant} run failed (exit {proc.returncode})")
-    return json.loads(Path(out).read_text())
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-4000:])
+            raise SystemExit(f"{variant} run failed (exit {proc.returncode})")
+        return json.loads(Path(out).read_text())
+    finally:
+        Path(out).unlink(missing_ok=True)
 
 
 def _table(rows: list[dict]) -> str:
@@ -402,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_out).write_text(json.dumps(result))
         return 0
 
+    made = None
     if not args.data:
         from memchat.config import DATASET_FILENAME, training_dir
 
@@ -409,9 +417,18 @@ def main(argv: list[str] | None = None) -> int:
         if existing.exists():
             args.data = str(existing)
         else:
-            args.data = str(make_qa_dev_dataset(Path(tempfile.mkdtemp(prefix="memchat-bench-data-")) / DATASET_FILENAME))
-            print(f"data: made from {QA_DEV} -> {args.data}")
+            made = Path(tempfile.mkdtemp(prefix="memchat-bench-data-"))
+            args.data = str(make_qa_dev_dataset(made / DATASET_FILENAME))
+            print(f"data: made from {QA_DEV}")
         argv += ["--data", args.data]
+    try:
+        return _compare(args, argv)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _compare(args, argv: list[str]) -> int:
     print(f"data {args.data}; batch {args.batch_size} x accumulation {args.grad_accum}, max length "
           f"{args.max_length}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
