@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_s": load_s, "chunks_per_s": speed, "cpu_ms_per_chunk": cpu_ms,
             **retrieval_scores(embedder, paragraphs, questions),
         }
-        print(f"{backend}: {speed:.1f} chunks/s ({cpu_ms:.0f} CPU-ms/chunk), loaded in {load_s:.1f} s", flush=True)
+        print(f"{backend}: {speed:.1f} chunks/s ({cpu_ms:.0f} CPU-ms/chunk), ready in {load_s:.1f} s (any first-use export included)", flush=True)
         del embedder
 
     reference = "torch" if "torch" in vectors else args.backends[0]

@@ -35,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,10 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--chunk-size", type=int, default=None, help="characters (default: ChunkConfig's)")
     g.add_argument("--chunk-overlap", type=int, default=None, help="characters (default: ChunkConfig's)")
     g.add_argument("--batch-size", type=int, default=None, help="embedding batch (default: EmbeddingConfig's, for every row)")
-    g.add_argument("--repeat", type=int, default=1, help="timed runs per row; the fastest counts (the machine is shared)")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="rounds over all rows, interleaved; each row's fastest counts (the machine is shared)")
     g.add_argument("--fresh-export", action="store_true",
                    help="export/quantise ONNX into an empty cache, so the load column shows the one-off export cost")
-    g.add_argument("--profile", action="store_true", help="also profile the first Mem_Chat backend's ingest (an extra, untimed run); print the top functions")
+    g.add_argument("--profile", action="store_true",
+                   help="also profile the first Mem_Chat backend's ingest (an extra, untimed run); print the top functions")
     g.add_argument("--json", help="also write all results to this JSON file")
     p.add_argument("--cpus", type=int, default=0,
                    help="pin every pipeline to this many CPUs (0 = all); 1 gives steadier ratios on a busy machine")
@@ -162,21 +165,16 @@ def worker_memchat(backend: str, pdfs: list[str], opts: dict, workdir: Path) -> 
     chunking.chunk_pages = timed("chunk", chunk_pages)
     embedder.encode = timed("embed", embedder.encode, keep=True)
 
-    best = None
-    for rep in range(opts["repeat"]):  # fresh store each time; the fastest run counts (load noise only adds)
-        for k in stages:
-            stages[k] = 0.0
-        vectors.clear()
-        store_dir = workdir / f"store-{backend}-{rep}"
-        kb = KnowledgeBase(store_dir, chunking=ccfg, embedding=ecfg, embedder=embedder)
-        kb._merge = timed("commit", kb._merge)  # lock, re-read, merge, serialize, encrypt, atomic write
+    store_dir = workdir / f"store-{backend}-{opts['round']}"
+    kb = KnowledgeBase(store_dir, chunking=ccfg, embedding=ecfg, embedder=embedder)
+    kb._merge = timed("commit", kb._merge)  # lock, re-read, merge, serialize, encrypt, atomic write
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = kb.add_documents(pdfs)
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
-        t0, c0 = time.perf_counter(), time.process_time()
-        results = kb.add_documents(pdfs)
-        seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        if best is None or seconds < best[0]:
-            best = (seconds, cpu_s, results, dict(stages), store_dir, kb, list(vectors))
-    seconds, cpu_s, results, stages, store_dir, kb, vectors = best
+    # Off the clock from here: put the real functions back.
+    del kb._merge, embedder.encode
+    pdf.extract_pdf, chunking.chunk_pages = extract_pdf, chunk_pages
     if opts["profile"]:  # an extra, untimed run: cProfile's overhead must not touch the figures
         import cProfile
 
@@ -185,8 +183,6 @@ def worker_memchat(backend: str, pdfs: list[str], opts: dict, workdir: Path) -> 
         KnowledgeBase(workdir / f"store-{backend}-profile", chunking=ccfg, embedding=ecfg, embedder=embedder).add_documents(pdfs)
         profiler.disable()
         _print_profile(profiler)
-    kb._merge = KnowledgeBase._merge.__get__(kb)
-    pdf.extract_pdf, chunking.chunk_pages = extract_pdf, chunk_pages  # quality runs off the clock
 
     errors = [r.message for r in results if r.status == "error"]
     for e in errors:
@@ -203,7 +199,6 @@ def worker_memchat(backend: str, pdfs: list[str], opts: dict, workdir: Path) -> 
         "seconds": seconds, "cpu_s": cpu_s, "load_s": load_s, "exported": embedder.exported, "stages": stages,
         "store_bytes": stored, "errors": errors,
     }
-    embedder.encode = embedder.__class__.encode.__get__(embedder)  # quality runs off the clock
     if not opts["skip_quality"]:
         result["quality"] = _memchat_quality(embedder, ecfg, ccfg, Path(opts["qa_dir"]), workdir, kb)
     return result
@@ -214,7 +209,8 @@ def _memchat_quality(embedder, ecfg, ccfg, qa_dir: Path, workdir: Path, corpus_k
 
     questions = _qa(qa_dir)
     qa_pdfs = sorted(str(p) for p in (qa_dir / "pdfs").glob("*.pdf"))
-    alone = KnowledgeBase(workdir / f"qa-{embedder.backend}", chunking=ccfg, embedding=ecfg, embedder=embedder)
+    alone_dir = workdir / f"qa-{embedder.backend}-{uuid.uuid4().hex[:8]}"
+    alone = KnowledgeBase(alone_dir, chunking=ccfg, embedding=ecfg, embedder=embedder)
     alone.add_documents(qa_pdfs)
     corpus_kb.add_documents(qa_pdfs)  # the benchmark corpus stays in as distractors
     out = {}
@@ -266,13 +262,10 @@ def worker_langchain(pdfs: list[str], opts: dict, workdir: Path) -> dict:
         store.save_local(str(out_dir))
         return pages, chunks, store
 
-    seconds = float("inf")
-    for rep in range(opts["repeat"]):
-        t0, c0 = time.perf_counter(), time.process_time()
-        pages, chunks, store = ingest(pdfs, workdir / f"langchain-store-{rep}")
-        if time.perf_counter() - t0 < seconds:
-            seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-            out_dir = workdir / f"langchain-store-{rep}"
+    out_dir = workdir / f"langchain-store-{opts['round']}"
+    t0, c0 = time.perf_counter(), time.process_time()
+    pages, chunks, store = ingest(pdfs, out_dir)
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     (workdir / "chunks-langchain.json").write_text(json.dumps([c.page_content for c in chunks]))
     stored = sum(f.stat().st_size for f in out_dir.iterdir())
     result = {"name": "langchain", "backend": "torch", "pages": len(pages), "chunks": len(chunks), "seconds": seconds,
@@ -281,8 +274,8 @@ def worker_langchain(pdfs: list[str], opts: dict, workdir: Path) -> dict:
         qa_dir = Path(opts["qa_dir"])
         questions = _qa(qa_dir)
         qa_pdfs = sorted(str(p) for p in (qa_dir / "pdfs").glob("*.pdf"))
-        _, qa_chunks, alone = ingest(qa_pdfs, workdir / "langchain-qa")
-        _, _, more = ingest(qa_pdfs, workdir / "langchain-qa2")
+        _, qa_chunks, alone = ingest(qa_pdfs, workdir / "langchain-qa-a")
+        _, _, more = ingest(qa_pdfs, workdir / "langchain-qa-b")
         store.merge_from(more)  # corpus + qa_dev, as for Mem_Chat
         result["quality"] = {}
         for label, s in (("alone", alone), ("distractors", store)):
@@ -302,12 +295,9 @@ def worker_raw(chunks_file: Path, pages: int, opts: dict) -> dict:
     model = SentenceTransformer(str(bundled_minilm_dir()), device="cpu")
     load_s = time.perf_counter() - t0
     model.encode(WARMUP_TEXTS)
-    seconds = float("inf")
-    for _ in range(opts["repeat"]):
-        t0, c0 = time.perf_counter(), time.process_time()
-        vectors = model.encode(texts, batch_size=opts["batch_size"] or EmbeddingConfig().batch_size, normalize_embeddings=True)
-        if time.perf_counter() - t0 < seconds:
-            seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    vectors = model.encode(texts, batch_size=opts["batch_size"] or EmbeddingConfig().batch_size, normalize_embeddings=True)
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     assert vectors.shape[0] == len(texts) and np.isfinite(vectors).all()
     source = "langchain" if "langchain" in chunks_file.name else "memchat"
     return {"name": f"raw encode ({source} chunks)", "backend": "torch", "pages": pages, "chunks": len(texts),
@@ -341,7 +331,7 @@ def main(argv=None) -> int:
     ccfg, ecfg = ChunkConfig(), EmbeddingConfig()
     opts = {
         "pdfs": pdfs, "qa_dir": args.qa_dir, "skip_quality": args.skip_quality, "profile": False,
-        "repeat": max(1, args.repeat), "chunk_size": args.chunk_size, "chunk_overlap": args.chunk_overlap, "batch_size": args.batch_size,
+        "round": 0, "chunk_size": args.chunk_size, "chunk_overlap": args.chunk_overlap, "batch_size": args.batch_size,
     }
     missing = None if args.skip_langchain else extras_missing()
     if missing:
@@ -358,28 +348,36 @@ def main(argv=None) -> int:
           f"{args.batch_size or ecfg.batch_size}, max_seq_length {ecfg.max_seq_length}, model {ecfg.model_name} "
           f"(bundled: {bundled_minilm_dir()}); {cpu_note(args.cpus)}", flush=True)
 
-    rows: list[dict] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="memchat-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="memchat-ingest-bench-") as tmp:
         work = Path(tmp)
         env = {"MEMCHAT_HOME": str(work / "home"), "MEMCHAT_BENCH_CPUS": str(args.cpus)}
         if args.fresh_export:
             env["MEMCHAT_CACHE_DIR"] = str(work / "cache")
-        if not missing and not args.skip_langchain:
-            say("running langchain ...")
-            rows.append(run_worker("ingest.py", ["langchain", tmp, json.dumps(opts)], extras=True, **env))
-            _report(rows[-1])
-        for i, backend in enumerate(backends):
-            say(f"running memchat [{backend}] ...")
-            o = dict(opts, profile=args.profile and i == 0)
-            rows.append(run_worker("ingest.py", ["memchat", tmp, json.dumps(o), backend], **env))
-            _report(rows[-1])
-        if not args.skip_raw:
-            chunks_file = work / ("chunks-langchain.json" if (work / "chunks-langchain.json").exists() else "chunks-memchat.json")
-            if chunks_file.exists():
-                say(f"running raw encode of {chunks_file.name} ...")
-                rows.append(run_worker("ingest.py", ["raw", tmp, json.dumps(opts), str(chunks_file), str(n_pages)], **env))
-                _report(rows[-1])
+        best: dict[str, dict] = {}  # row key -> fastest result (quality kept from round 1)
+
+        def run(key, script_args, extras=False):
+            result = run_worker("ingest.py", script_args, extras=extras, **env)
+            _report(result)
+            if key not in best or result["seconds"] < best[key]["seconds"]:
+                result.setdefault("quality", best.get(key, {}).get("quality"))
+                best[key] = result
+
+        for rnd in range(max(1, args.repeat)):  # rounds interleave the rows, so load swings hit them all
+            o = dict(opts, round=rnd, skip_quality=args.skip_quality or rnd > 0)
+            if not missing and not args.skip_langchain:
+                say(f"round {rnd + 1}: running langchain ...")
+                run("langchain", ["langchain", tmp, json.dumps(o)], extras=True)
+            for i, backend in enumerate(backends):
+                say(f"round {rnd + 1}: running memchat [{backend}] ...")
+                ob = dict(o, profile=args.profile and i == 0 and rnd == 0)
+                run(f"memchat-{backend}", ["memchat", tmp, json.dumps(ob), backend])
+            if not args.skip_raw:
+                chunks_file = work / ("chunks-langchain.json" if (work / "chunks-langchain.json").exists() else "chunks-memchat.json")
+                if chunks_file.exists():
+                    say(f"round {rnd + 1}: running raw encode of {chunks_file.name} ...")
+                    run("raw", ["raw", tmp, json.dumps(o), str(chunks_file), str(n_pages)])
+        rows = list(best.values())
         cosines = _cosines(work, [r["backend"] for r in rows if r["name"].startswith("memchat")])
     _print_tables(rows, cosines, args.skip_quality)
     print(f"\ntotal bench time {time.perf_counter() - started:.0f} s; load avg now {os.getloadavg()[0]:.2f}")

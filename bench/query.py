@@ -332,7 +332,7 @@ def main(argv=None) -> int:
           flush=True)
     started = time.perf_counter()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="memchat-qbench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="memchat-query-bench-") as tmp:
         env = {"MEMCHAT_HOME": str(Path(tmp) / "home"), "MEMCHAT_BENCH_CPUS": str(args.cpus)}
         for backend in backends:
             say(f"running memchat [{backend}] ...")

@@ -121,6 +121,7 @@ class ExtractConfig:
     validation_fraction: float = 0.1  # of chunks held out: no variation of a val question leaks
     near_duplicate_threshold: float = 0.92  # cosine above which two questions count as one
     variation_duplicate_threshold: float = 0.97  # a paraphrase this close to its source or sibling adds nothing
+    min_variation_cosine: float = 0.7  # a "paraphrase" further than this from its source asks something else
     min_question_support: float = 0.5  # share of a question's content words that must occur in its chunk
     min_answer_support: float = 0.6  # share of the words an answer adds (beyond the question) found in the chunk
     min_answer_cosine: float = 0.3  # answer vs its best chunk sentence; below it the answer is off-topic

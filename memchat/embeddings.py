@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -210,6 +211,7 @@ class Embedder:
                     self.backend, path = "onnx", fp32
         if self.exported:
             _write_meta(folder, self.model_name, layout)
+            _prune_stale_exports(folder)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = _cpu_count()
@@ -406,6 +408,16 @@ def _temp_path(final: Path) -> Path:
     os.close(fd)
     os.chmod(name, 0o644)  # mkstemp makes 0600; the cache holds nothing secret
     return Path(name)
+
+
+def _prune_stale_exports(current: Path) -> None:
+    """Remove exports of the same model name made from other weights or an older recipe (~150 MB each)."""
+    prefix = current.name.rsplit("-", 1)[0] + "-"
+    for folder in current.parent.iterdir():
+        stale = folder.is_dir() and folder != current and folder.name.startswith(prefix)
+        if stale and re.fullmatch(r"[0-9a-f]{16}", folder.name[len(prefix):]):
+            log.info("Removing stale ONNX export %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)  # a process still using it keeps its open files (POSIX)
 
 
 def _publish(tmp: Path, final: Path) -> None:

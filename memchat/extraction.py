@@ -258,7 +258,7 @@ class FAISSDataExtractor:
         c = self.cfg
         keep = (
             "max_pairs_per_chunk augment variations_per_question max_new_tokens answer_max_new_tokens "
-            "repetition_penalty near_duplicate_threshold variation_duplicate_threshold min_question_support "
+            "repetition_penalty near_duplicate_threshold variation_duplicate_threshold min_variation_cosine min_question_support "
             "min_answer_support min_answer_cosine evidence_chars"
         ).split()
         settings = {k: getattr(c, k) for k in keep}
@@ -632,7 +632,7 @@ class FAISSDataExtractor:
             w.questions = keep.get(id(w), [])
 
     def _filter_variations(self, asks: list[tuple[_Work, dict]], limit: int) -> None:
-        """Drop paraphrases too close to their source or a sibling; keep at most ``limit``."""
+        """Drop paraphrases too close to their source or a sibling, or too far from the source; keep ``limit``."""
         thr = self.cfg.variation_duplicate_threshold
         texts = [v for _, q in asks for v in q["variation_candidates"]]
         vecs = self.embedder.encode(texts) if texts else None
@@ -644,6 +644,8 @@ class FAISSDataExtractor:
                 pos += 1
                 if any(float(vec @ k) >= thr for k in kept_vecs):
                     w.v_tally.dropped["near_duplicate"] += 1
+                elif float(vec @ q["vec"]) < self.cfg.min_variation_cosine:
+                    w.v_tally.dropped["meaning_changed"] += 1
                 elif len(q["variations"]) >= limit:
                     w.v_tally.dropped["over_limit"] += 1
                 else:

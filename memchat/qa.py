@@ -177,7 +177,9 @@ _LABEL = re.compile(
     re.IGNORECASE,
 )
 # A label inside a line where a new question begins: "...? Q: What", "...? 2. How", "...? Question 3: Why"
-_INLINE_LABEL = re.compile(r"(?<=[?.!])\s+(?=(?:\(?\d{1,2}[.)]\s+|(?:q|question)\s*\d{0,2}\s*[:.)]\s*)\S)", re.IGNORECASE)
+_INLINE_LABEL = re.compile(
+    r"(?<=[?.!:])\s+(?=(?:\(?\d{1,2}[.)]\s+|(?:q|question)\s*\d{0,2}\s*[:.)]\s*)\S)", re.IGNORECASE
+)  # "... can be rewritten as: Q: What ...?" -> the remark, then the question
 _RUN_ON = re.compile(r"(?<=\?)[\"'”’)]*\s+(?=[\"'“‘(]?[A-Z0-9])")  # "...? How ..." -> two questions
 # A label that starts an answer, not a question: "A:", "A1:", "Answer:", "B:" (SmolLM2 letters them)
 _ANSWER_LABEL = re.compile(r"^\s*(?:\(?\d{1,2}[.)]\s*)?(?:[A-D]\d{0,2}|answers?|response|explanation)\s*[:)]", re.IGNORECASE)
@@ -224,8 +226,13 @@ def _segments(text: str, tally: Tally) -> list[str]:
     return pieces
 
 
-def clean_question(piece: str, tally: Tally, *, last_truncated: bool = False) -> str | None:
-    """One candidate piece -> a clean question, or None (the reason is counted)."""
+def clean_question(piece: str, tally: Tally, *, last_truncated: bool = False, alone: bool = False) -> str | None:
+    """One candidate piece -> a clean question, or None (the reason is counted).
+
+    A piece without "?" counts as a question only when it starts like one and the
+    model marked it as one (a "Q:"/number label), or it is the whole, short output:
+    "When rocks melt, they form magma" must not become a question.
+    """
     if _ANSWER_LABEL.match(piece) and not piece.rstrip().endswith("?"):
         tally.repaired["answer_text_removed"] += 1
         return None
@@ -235,7 +242,8 @@ def clean_question(piece: str, tally: Tally, *, last_truncated: bool = False) ->
         if new == stripped:
             break
         stripped = new
-    if stripped != piece.lstrip():
+    labelled = stripped != piece.lstrip()
+    if labelled:
         tally.repaired["label_removed"] += 1
     q = stripped.strip().strip("\"'“”‘’").strip()
     if _PLACEHOLDER.search(q):
@@ -253,7 +261,7 @@ def clean_question(piece: str, tally: Tally, *, last_truncated: bool = False) ->
             tally.repaired["trailing_text_removed"] += 1
             q = cut.strip()
         first = (q.split() or [""])[0].lower().strip(",")
-        if first not in _INTERROGATIVE:
+        if first not in _INTERROGATIVE or not (labelled or (alone and word_count(q) <= 15)):
             return None  # prose, not a question: not counted as a failure (models add remarks)
         if last_truncated:
             tally.dropped["truncated"] += 1
@@ -316,7 +324,7 @@ def parse_questions(text: str, *, truncated: bool = False, limit: int | None = N
     out: list[str] = []
     seen: set[str] = set()
     for i, piece in enumerate(pieces):
-        q = clean_question(piece, tally, last_truncated=truncated and i == len(pieces) - 1)
+        q = clean_question(piece, tally, last_truncated=truncated and i == len(pieces) - 1, alone=len(pieces) == 1)
         if q is None:
             continue
         if is_meta_question(q):  # "What is the answer to this question?", "What does the text say?"
@@ -344,7 +352,10 @@ def is_meta_question(question: str) -> bool:
 # ---------------------------------------------------------------------------
 # Answer parsing
 # ---------------------------------------------------------------------------
-_ANSWER_PREFIX = re.compile(r"^\s*(?:(?:the\s+)?answer(?:\s+to\s+[^:]{0,80})?|a|response)\s*[:\-]\s*", re.IGNORECASE)
+_ANSWER_PREFIX = re.compile(
+    r"^\s*(?:(?:(?:the\s+)?answer(?:\s+to\s+[^:]{0,80})?|a|response)\s*[:\-]|the\s+(?:correct\s+)?answer\s+is\s*:?)\s*",
+    re.IGNORECASE,
+)
 _ECHO = re.compile(r"^\s*(?:q|question)\s*\d{0,2}\s*:\s*[^\n]*\n", re.IGNORECASE)
 _ECHO_INLINE = re.compile(r"^\s*(?:q|question)\s*\d{0,2}\s*:[^?\n]*(?:\?|$)", re.IGNORECASE)
 _NEXT_TURN = re.compile(r"\s*(?:\n|\s)(?:q|question)\s*\d{0,2}\s*:.*$", re.IGNORECASE | re.DOTALL)
@@ -366,6 +377,16 @@ MAX_ANSWER_WORDS = 90
 
 def split_into_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT_END.split(text) if s.strip()]
+
+
+def _unquote(text: str) -> str:
+    """'"X" because Y' -> 'X because Y'; '"X."' -> 'X.' (a quoted answer keeps no stray quote)."""
+    if text[:1] in "\"“":
+        close = max(text.find("\"", 1), text.find("”", 1))
+        if close > 0:
+            return (text[1:close] + text[close + 1 :]).strip()
+        return text[1:].strip()
+    return text
 
 
 def parse_answer(text: str, question: str = "", *, truncated: bool = False, max_words: int = MAX_ANSWER_WORDS):
@@ -394,7 +415,7 @@ def parse_answer(text: str, question: str = "", *, truncated: bool = False, max_
         tally.repaired["preamble_removed"] += 1
         a = new.strip()
         a = a[0].upper() + a[1:]
-    a = re.sub(r"\s+", " ", a).strip().strip("\"“”").strip()
+    a = _unquote(re.sub(r"\s+", " ", a).strip())
     if not content_words(a):
         tally.dropped["empty"] += 1
         return None, tally
@@ -432,6 +453,8 @@ def parse_answer(text: str, question: str = "", *, truncated: bool = False, max_
         tally.repaired["shortened"] += 1
     if not ends_sentence(a):
         a += "."
+    if a[0].islower():
+        a = a[0].upper() + a[1:]
     return a, tally
 
 

@@ -77,7 +77,7 @@ def test_encode_refuses_a_bare_string(embedders):
         embedders["onnx"].encode("one text")
 
 
-@pytest.mark.parametrize("backend,floor", [("torch", 0.9999), ("onnx", 0.9999), ("onnx-int8", 0.95)])
+@pytest.mark.parametrize("backend,floor", [("onnx", 0.9999), ("onnx-int8", 0.95)])  # torch: ST sorts itself
 def test_order_preserved_despite_length_sorting(embedders, backend, floor):
     # int8 scales activations per batch, so a text's vector moves with its batch-mates and their padding (cos 0.97-0.999)
     e = embedders[backend]
@@ -130,11 +130,18 @@ def test_unknown_backend_says_which_exist():
 
 def test_export_once_then_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    onnx_cache = tmp_path / "cache" / "onnx"
+    stale = onnx_cache / f"{emb._sanitise(DEFAULT_EMBEDDING_MODEL)}-0123456789abcdef"  # older weights or recipe
+    other = onnx_cache / "someone_else-0123456789abcdef"
+    for folder in (stale, other):
+        folder.mkdir(parents=True)
+        (folder / emb.FP32_FILENAME).write_bytes(b"old")
     before = emb.export_count
     first = Embedder(backend="onnx")
+    assert not stale.exists() and other.exists()  # a fresh export prunes only its own model's old folders
     assert first.exported and emb.export_count == before + 1
     fp32 = first.onnx_path
-    assert fp32.parent.parent == tmp_path / "cache" / "onnx"
+    assert fp32.parent.parent == onnx_cache
     mtime = fp32.stat().st_mtime_ns
 
     second = Embedder(backend="onnx")
