@@ -5,10 +5,12 @@ Three backends give the same model (the bundled all-MiniLM-L6-v2 by default):
   torch      sentence-transformers as is, on ``memchat.device``'s device.
   onnx       an fp32 ONNX export made locally with ``torch.onnx.export``, run by
              ONNX Runtime on the CPU: the same vectors as torch (cosine > 0.9999),
-             ~1.5x faster on 2 cores, and a warm start never imports torch.
+             ~20% less CPU per chunk, and a warm start never imports torch
+             (ready in ~0.5 s instead of ~5 s).
   onnx-int8  that export with its MatMul weights dynamically quantised to int8,
              per output channel, the first FFN down-projection kept fp32: ~1.8x
-             faster again, cosine ~0.995 to fp32 (per-tensor int8: ~0.92).
+             less CPU again, cosine ~0.995 to fp32 (per-tensor int8: ~0.92), same
+             retrieval hits on qa_dev (bench/embed_quality.py).
              Activations are quantised per batch, so a text's int8 vector moves a
              little with its batch-mates (cosine 0.97-0.999 between batchings).
 
