@@ -93,7 +93,16 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, ef_search: int | Non
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
     if ef_search and kind_of(index) == HNSW:
         faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = max(ef_search, k)
-    return index.search(queries, k)
+    if len(queries) > 1:
+        return index.search(queries, k)
+    # One query: OpenMP start-up costs more than it saves (bench/query.py: 0.2 ms on 1 thread
+    # vs ~20 ms on 2 busy threads at 1k chunks).
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def serialize(index: faiss.Index) -> bytes:

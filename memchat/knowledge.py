@@ -117,7 +117,7 @@ class KnowledgeBase:
         self.embed_cfg = embedding or EmbeddingConfig()
         self.index_cfg = index or IndexConfig()
         self._embedder = embedder
-        self._cache: tuple[str, StoreState, object] | None = None  # (generation, state, faiss index)
+        self._cache: tuple[tuple, StoreState, object] | None = None  # (files' signature, state, faiss index)
 
     # -- state -------------------------------------------------------------
     def exists(self) -> bool:
@@ -130,12 +130,16 @@ class KnowledgeBase:
         """Latest state and its deserialised index, cached by generation."""
         from . import index as faiss_index
 
+        # A query must not decrypt the whole store: reuse the cached state while the three
+        # files are the same ones (a commit replaces them, changing inode and mtime).
+        sig = self.store.signature()
+        if self._cache is not None and sig is not None and self._cache[0] == sig:
+            return self._cache[1], self._cache[2]
         state = self.store.read()
-        if self._cache is None or self._cache[0] != state.generation:
-            idx = faiss_index.deserialize(state.index_bytes)
-            _check_consistent(state, idx, self.store.dir)
-            self._cache = (state.generation, state, idx)
-        return self._cache[1], self._cache[2]
+        idx = faiss_index.deserialize(state.index_bytes)
+        _check_consistent(state, idx, self.store.dir)
+        self._cache = (self.store.signature(), state, idx)
+        return state, idx
 
     def documents(self) -> list[dict]:
         """Current documents (no model loaded): name, version, pages, chunks, sha256, added."""

@@ -88,6 +88,13 @@ class EncryptedStore:
         """True when any part of a committed store is there (a damaged one too)."""
         return any(self.path(k).exists() for k in FILES) or any(self.dir.glob(".commit-*"))
 
+    def signature(self) -> tuple | None:
+        """(inode, size, mtime) of the three files: changes whenever a commit lands."""
+        try:
+            return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (self.path(k).stat() for k in FILES))
+        except FileNotFoundError:
+            return None
+
     def cipher(self, create: bool = False) -> Cipher:
         if self._cipher is None:
             self._cipher = load_or_create_cipher(self.dir, create=create)

@@ -360,3 +360,24 @@ def test_interrupted_commit_rolls_forward():
     fresh = EncryptedStore().read()
     assert fresh.versions["documents"][QA_PDFS[0].name]["note"] == "new"
     assert not list(config.storage_dir().glob(".commit-*"))
+
+
+def test_search_reuses_state_until_a_commit_lands(monkeypatch):
+    """Queries must not decrypt the store each time, yet must see another writer's commit."""
+    k = kb()
+    k.add_documents(QA_PDFS[:1])
+    reads = {"n": 0}
+    real_read = EncryptedStore.read
+
+    def counting_read(self):
+        reads["n"] += 1
+        return real_read(self)
+
+    monkeypatch.setattr(EncryptedStore, "read", counting_read)
+    reader = kb()
+    for _ in range(5):
+        reader.search("rocks", k=2)
+    assert reads["n"] == 1
+    kb().add_documents(QA_PDFS[1:2])  # another writer commits
+    hits = reader.search(kb().chunks()[-1]["text"], k=1)
+    assert reads["n"] >= 2 and hits[0].document == QA_PDFS[1].name
