@@ -30,8 +30,16 @@ test: install browser
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not browser"
 
-bench: install
-	$(BIN)/python bench/ingest.py && $(BIN)/python bench/query.py
+# LangChain baseline for bench/ingest.py: outside the venv, without dependency resolution
+# (resolving would downgrade huggingface_hub and break transformers 5).
+BENCH_SITE := .cache/bench-site
+$(BENCH_SITE)/.installed-stamp: requirements-bench.txt $(STAMP)
+	rm -rf $(BENCH_SITE)
+	$(BIN)/pip install -q --no-deps --target $(BENCH_SITE) -r requirements-bench.txt
+	touch $@
+
+bench: install $(BENCH_SITE)/.installed-stamp
+	$(BIN)/python bench/ingest.py && $(BIN)/python bench/query.py && $(BIN)/python bench/rag_quality.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

