@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if run.get("generated_tokens"):
         print(
             f"generation: {run['generated_tokens']} tokens in {run['generation_time_s']:.1f} s "
-            f"({run['tokens_per_s']} tokens/s), wall time {run['wall_time_s']:.1f} s, model {r.stats['generation']['model']}"
+            f"({run['tokens_per_s']} tokens/s), wall time {run['wall_time_s']:.1f} s of which loading models "
+            f"{run['model_load_s']:.1f} s, model {r.stats['generation']['model']}"
         )
     print(f"wrote {path} and {r.stats_path}")
     print("Note: training_data/ is not encrypted; it holds your documents' content in plain text.")

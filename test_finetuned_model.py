@@ -63,21 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_warnings(chat) -> None:
-    if chat.notice:
-        print(f"Note: {chat.notice}", file=sys.stderr)
-    stale = chat.staleness()
-    if stale:
-        print(f"Warning: {stale}", file=sys.stderr)
+
+
+def _quiet_transformers() -> None:
+    """No per-load progress bars or advice lines from transformers: our own lines say what happens."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def cmd_chat(args) -> int:
     from memchat.finetuned import FineTunedChat
 
+    _quiet_transformers()
+
     t0 = time.perf_counter()
     chat = FineTunedChat(args.model_dir)
     print(f"Loaded {chat.display_name} from {args.model_dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    _print_warnings(chat)
+    stale = chat.staleness()
+    if stale:
+        print(f"Warning: {stale}", file=sys.stderr)
     settings = dict(max_length=args.max_length, temperature=args.temperature, do_sample=not args.greedy)
 
     def reply(question: str) -> None:
@@ -110,6 +116,8 @@ def cmd_eval(args) -> int:
 
     from memchat.evaluate import EvalConfig, build_systems, default_output, evaluate, load_questions
 
+    _quiet_transformers()
+
     cfg = EvalConfig(systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, rag_max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, hybrid_strategy=args.hybrid_strategy, limit=args.limit)
@@ -118,10 +126,11 @@ def cmd_eval(args) -> int:
           f"max_new_tokens {cfg.max_new_tokens}; batch {cfg.batch_size}; hybrid {cfg.hybrid_strategy}; "
           f"rag model {args.rag_model}; fine-tuned {args.model_dir}", file=sys.stderr)
     t0 = time.perf_counter()
-    systems, notices = build_systems(cfg, model_dir=args.model_dir, rag_model=args.rag_model, base_model=args.base_model)
+    systems, notices, warnings = build_systems(cfg, model_dir=args.model_dir, rag_model=args.rag_model,
+                                               base_model=args.base_model)  # model notices are logged as they load
     print(f"models loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for n in notices:
-        print(f"Note: {n}", file=sys.stderr)
+    for w in warnings:
+        print(f"Warning: {w}", file=sys.stderr)
     bars: dict[str, tqdm] = {}
 
     def progress(name: str, done: int, total: int) -> None:
@@ -130,7 +139,8 @@ def cmd_eval(args) -> int:
         if done >= total:
             bar.close()
 
-    report = evaluate(questions, systems, cfg, questions_file=str(args.eval), notices=notices, progress=progress)
+    report = evaluate(questions, systems, cfg, questions_file=str(args.eval), notices=notices + warnings,
+                      progress=progress)
     print(report.table())
     out = Path(args.out) if args.out else default_output(args.eval)
     json_path = report.save_json(out.with_name(out.name + ".json"))
@@ -148,6 +158,10 @@ def launch_app(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
+    # Library notices (e.g. "model X not available offline; using the bundled one") as one plain line.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.mode == "streamlit":
         return launch_app(args)
     from memchat.errors import MemChatError

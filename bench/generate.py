@@ -8,13 +8,18 @@
 One process, the bundled SmolLM2-135M-Instruct (or --model), loaded and warmed up
 before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
 
-  1. batched vs loop   the same question prompts (one per chunk, as the extractor
-                       writes them), greedy, same max_new_tokens: one
+  1. batched vs loop   the same prompts, greedy, same max_new_tokens: one
                        ``Generator.generate`` call at --batch-size, then a loop of
                        one-prompt calls. Generated tokens/s of each and the ratio
                        (target >= 6x at batch 16), and how many outputs are
                        identical between the two (left padding can flip a greedy
-                       token through float noise).
+                       token through float noise). Two prompt sets:
+                         short   one-line requests (~35 prompt tokens): decode-bound,
+                                 what batching itself buys;
+                         answer  the extractor's answer prompts (question + the
+                                 chunk's best sentences, ~150-200 prompt tokens).
+                       The prompt's prefill costs the same in both paths, so on
+                       long prompts it caps the ratio: (P + D x t1) / (P + D x t16).
   2. extraction        ``FAISSDataExtractor`` on --chunks chunks, every generate call
                        recorded; then the same calls replayed bare. Extraction wall
                        time / bare generation time for the same prompts (target <=
@@ -54,6 +59,32 @@ class Recorder:
     def generate(self, batch, **kwargs):
         self.calls.append((list(batch), dict(kwargs)))
         return self.inner.generate(batch, **kwargs)
+
+
+SHORT_TOPICS = "rocks rivers primes television plates lakes deltas tests comets bridges maps books trains roads trees birds"
+
+
+def prompt_set(name: str, chunks: list[dict], embedder, n: int) -> list[list[dict]]:
+    """``n`` prompts of one kind: "short" requests, or "answer" prompts as the extractor writes them."""
+    from memchat import qa
+    from memchat.chunking import split_sentences
+
+    if name == "short":
+        topics = (SHORT_TOPICS.split() * 4)[:n]
+        return [[{"role": "user", "content": f"Write three sentences about {t}."}] for t in topics]
+    if name == "answer":
+        import json
+
+        questions = [json.loads(line) for line in open(SHARED_DATA / "qa_dev" / "qa.jsonl", encoding="utf-8")][:n]
+        sentences = [s for c in chunks for s in split_sentences(c["text"])]
+        svec = embedder.encode(sentences)
+        out = []
+        for q in questions:  # the 3 sentences closest to the question, ~the extractor's evidence
+            qv = embedder.encode([q["question"]])[0]
+            best = sorted(sorted(range(len(sentences)), key=lambda i: -float(svec[i] @ qv))[:3])
+            out.append(qa.answer_prompt(q["question"], " ".join(sentences[i] for i in best)))
+        return out
+    raise SystemExit(f"unknown prompt set {name!r} (short, answer)")
 
 
 def part_batched_vs_loop(gen, prompts, batch_size: int, max_new_tokens: int) -> dict:
@@ -115,6 +146,7 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
         "bare_replay_s": round(bare, 2),
         "replay_tokens": gen.stats.new_tokens,
         "wall_over_bare": round(wall / bare, 3),
+        "wall_over_inside": round(wall / inside, 3) if inside else None,
         "extraction_tok_s": round(tokens / wall, 1),
         "records": ex.report.records,
         "questions_kept": o["questions_kept"],
@@ -129,12 +161,16 @@ def main(argv=None) -> int:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="bundled", help="generation model (default: the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 avoids "
+                        "OpenMP threads spinning against each other (measured 3-8x slower here with 2)")
     g = p.add_argument_group("part 1: batched vs loop")
-    g.add_argument("--prompts", type=int, default=16, help="question prompts, one per chunk (default 16)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt at most (default 64)")
+    g.add_argument("--prompts", type=int, default=16, help="prompts per set (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt at most (default 48)")
+    g.add_argument("--sets", default="short,answer", help="prompt sets to compare (default short,answer)")
     g.add_argument("--skip-loop", action="store_true", help="skip part 1")
     g = p.add_argument_group("part 2: extraction overhead")
-    g.add_argument("--chunks", type=int, default=8, help="chunks extracted (default 8)")
+    g.add_argument("--chunks", type=int, default=6, help="chunks extracted (default 6)")
     g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
     g = p.add_argument_group("output")
@@ -145,6 +181,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from memchat import qa
     from memchat.generation import Generator
     from memchat.knowledge import KnowledgeBase
@@ -167,9 +205,13 @@ def main(argv=None) -> int:
         results["load_s"] = round(time.perf_counter() - t, 1)
         gen.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)  # warm-up
         if not args.skip_loop:
-            prompts = [qa.question_prompt(c["text"], 3) for c in (chunks * 4)[: args.prompts]]
-            say(f"part 1: {len(prompts)} prompts, batched (batch {args.batch_size}) vs one at a time ...")
-            results["batched_vs_loop"] = part_batched_vs_loop(gen, prompts, args.batch_size, args.max_new_tokens)
+            results["batched_vs_loop"] = {}
+            for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
+                prompts = prompt_set(name, chunks, embedder, args.prompts)
+                say(f"part 1 [{name}]: {len(prompts)} prompts, batched (batch {args.batch_size}) vs one at a time ...")
+                r = part_batched_vs_loop(gen, prompts, args.batch_size, args.max_new_tokens)
+                r["prompt_tokens_mean"] = round(sum(len(gen._encode(gen.format_prompt(p))) for p in prompts) / len(prompts))
+                results["batched_vs_loop"][name] = r
         if not args.skip_extraction:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
@@ -178,13 +220,13 @@ def main(argv=None) -> int:
 
     print(f"\nmodel {results['model']} on {results['device']}, torch threads {results['torch_threads']}; "
           f"{results['machine']} -> {results['load_after']}")
-    if "batched_vs_loop" in results:
-        r = results["batched_vs_loop"]
+    for name, r in results.get("batched_vs_loop", {}).items():
         print(table(
             ["path", "prompts", "tokens", "seconds", "tokens/s"],
             [[f"batched (batch {r['batch_size']})", r["prompts"], r["batched_tokens"], r["batched_s"], r["batched_tok_s"]],
              ["one at a time", r["prompts"], r["loop_tokens"], r["loop_s"], r["loop_tok_s"]]],
-            title=f"\n1. batched vs loop, greedy, max_new_tokens {r['max_new_tokens']}",
+            title=f"\n1. [{name}] batched vs loop, greedy, max_new_tokens {r['max_new_tokens']}, "
+                  f"~{r['prompt_tokens_mean']} prompt tokens each",
         ))
         print(f"speed-up: {r['speedup_tok_s']}x tokens/s ({r['speedup_wall']}x wall); "
               f"identical outputs {r['identical_outputs']}/{r['prompts']}  (target >= 6x at batch 16)")
@@ -197,9 +239,10 @@ def main(argv=None) -> int:
              ["bare generate, same calls", r["bare_replay_s"], r["replay_tokens"], r["generate_calls"], r["prompts"]]],
             title=f"\n2. extraction of {r['chunks']} chunks, {r['pairs_per_chunk']} questions each",
         ))
-        print(f"extraction / bare generation: {r['wall_over_bare']}x  (target <= 1.3x); "
-              f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
-              f"answers {r['answers']}")
+        print(f"extraction / bare generation: {r['wall_over_bare']}x  (target <= 1.3x); extraction / its own time "
+              f"inside generate: {r['wall_over_inside']}x (the same ratio, immune to load changing between the runs)")
+        print(f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
+              f"answers {r['answers']}, dropped {r['dropped']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -60,7 +60,7 @@ class EvalConfig:
     max_new_tokens: int = 64  # gold answers are short; long answers only cost time
     rag_max_new_tokens: int = 64  # same cap for RAG, so latencies compare like for like
     batch_size: int = 1  # 1 = true per-question latency; >1 = faster runs, amortised latency
-    hybrid_strategy: str = "expand"  # see memchat.hybrid; chosen by this very evaluation
+    hybrid_strategy: str = "verify"  # memchat.hybrid's default, chosen by this very evaluation
     limit: int = 0  # 0 = every question; else the first N (quick trials)
 
 
@@ -518,8 +518,12 @@ def build_systems(
     model_dir: str | Path | None = None,
     rag_model: str | None = None,
     base_model: str | None = None,
-) -> tuple[list[System], list[str]]:
+) -> tuple[list[System], list[str], list[str]]:
     """The requested systems, failing fast (before any model loads) when one cannot be built.
+
+    Returns (systems, notices, warnings): notices are the models' fallback lines (already
+    logged by ``memchat.models``), warnings are for the user to see (a fine-tuned model
+    older than the knowledge base). Both go into the report.
 
     ``kb``: a ``KnowledgeBase`` (tests pass one with a fake embedder); default: the store's.
     Models are shared where two systems use the same one (e.g. the bundled SmolLM2 as
@@ -534,6 +538,7 @@ def build_systems(
         raise MemChatError(f"No system to evaluate; choose from {', '.join(SYSTEMS)}.")
     wants = set(cfg.systems)
     notices: list[str] = []
+    warnings: list[str] = []
     model_dir = Path(model_dir) if model_dir else config.finetuned_dir()
 
     # -- fail fast: what is missing, before loading anything slow
@@ -582,7 +587,7 @@ def build_systems(
             notices.append(finetuned.notice)
         stale = finetuned.staleness(kb=kb)
         if stale:
-            notices.append(stale)
+            warnings.append(stale)
     rag = None
     if wants & {"rag", "hybrid"}:
         from .rag import RAGPipeline
@@ -601,7 +606,7 @@ def build_systems(
             from .hybrid import HybridPipeline
 
             systems.append(HybridSystem(HybridPipeline(rag, finetuned, strategy=cfg.hybrid_strategy)))
-    return systems, list(dict.fromkeys(notices))
+    return systems, list(dict.fromkeys(notices)), warnings
 
 
 def default_output(questions_path: str | Path) -> Path:

@@ -40,19 +40,24 @@ Messages = list[dict]
 # Prompts
 # ---------------------------------------------------------------------------
 QUESTION_SYSTEM = "You write exam questions about a text. Every question must be answered by the text itself."
-ANSWER_SYSTEM = (
-    "You answer questions using only the given text. Answer in one or two complete sentences "
-    "that make sense without the question."
-)
+ANSWER_SYSTEM = "You answer questions using only the given text. Answer in one or two complete sentences."
+
+
+def flatten(text: str) -> str:
+    """PDF line breaks inside paragraphs -> spaces; paragraphs kept apart (small models read prose better)."""
+    paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
+    return "\n\n".join(p for p in paragraphs if p)
 
 
 def question_prompt(text: str, n: int) -> Messages:
     """Ask for ``n`` questions about one chunk, one per line after "Q:"."""
-    user = (
-        f'Text:\n"""\n{text.strip()}\n"""\n\n'
-        f"Write {n} different questions that this text answers. Put each question on its own line "
+    ask = (
+        'Write one question that this text answers. Start it with "Q:". Write only the question, no answer.'
+        if n == 1
+        else f"Write {n} different questions that this text answers. Put each question on its own line "
         'and start it with "Q:". Write only the questions, no answers.'
     )
+    user = f'Text:\n"""\n{flatten(text)}\n"""\n\n{ask}'
     return [{"role": "system", "content": QUESTION_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -80,6 +85,8 @@ def variation_prompt(question: str, n: int) -> Messages:
 # Stop strings: a small model that keeps going after its answer starts a new
 # "Question:" turn; cutting there saves the tokens and the cleanup.
 ANSWER_STOP = ["\nQuestion:", "\nQ:", "\n\n\n"]
+# An empty label repeated ("Q: Q: Q: ...") is a loop SmolLM2 falls into; nothing useful follows it.
+LIST_STOP = ["Q: Q:", "Q:\nQ:"]
 
 
 def question_tokens(n: int) -> int:
@@ -187,8 +194,8 @@ _INLINE_ANSWER = re.compile(r"\s+(?:answers?|a\d{0,2})\s*:\s+.*$", re.IGNORECASE
 _PLACEHOLDER = re.compile(r"<[^<>]{0,40}>|\[[^\[\]]{0,40}\]|\.\.\.\s*\?$|^\W*$")
 _META = re.compile(
     r"\b(?:next question|this question|the question|the answer|(?:this|the|original|given) (?:text|passage|article|"
-    r"sentence|context|paragraph)|the above|described above|mentioned above|write \d|these questions|"
-    r"would you like|can i help|do you want)\b",
+    r"sentence|paragraph)|(?:this|given|original) context|the context above|the above|described above|"
+    r"mentioned above|write \d|these questions|would you like|can i help|do you want)\b",
     re.IGNORECASE,
 )
 
@@ -461,12 +468,14 @@ def parse_answer(text: str, question: str = "", *, truncated: bool = False, max_
 def check_grounded(answer: str, question: str, chunk_words: set[str], min_support: float) -> str | None:
     """None when the answer is grounded in the chunk, else the reason it is not.
 
-    The answer must add something beyond the question's own words, and most of
-    what it adds must be words of the chunk.
+    The answer must add something beyond the question's own words, most of what
+    it adds must be words of the chunk, and every number it adds must be in the chunk.
     """
     added = content_words(answer) - content_words(question)
     if not added:
         return "restates_question"
+    if any(w.isdigit() and w not in chunk_words for w in added):
+        return "number_not_in_chunk"  # invented years and counts are the commonest small-model error
     if len(added & chunk_words) / len(added) < min_support:
         return "not_grounded"
     return None
@@ -483,7 +492,9 @@ def ground_answer(answer: str, question: str, chunk_words: set[str], min_support
     kept: list[str] = []
     for s in sentences:
         added = content_words(s) - qwords
-        if added and len(added & chunk_words) / len(added) < min_support:
+        if added and (
+            len(added & chunk_words) / len(added) < min_support or any(w.isdigit() and w not in chunk_words for w in added)
+        ):
             break
         kept.append(s)
     if not kept:

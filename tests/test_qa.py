@@ -63,7 +63,7 @@ def test_corpus_answers(entry):
         assert qa.ends_sentence(answer) and qa.word_count(answer) <= qa.MAX_ANSWER_WORDS
         assert "Question:" not in answer and not answer.lower().startswith("answer")
         if "chunk" in entry:
-            reason = qa.check_grounded(answer, entry["question"], qa.content_words(entry["chunk"]), 0.6)
+            _, reason, _ = qa.ground_answer(answer, entry["question"], qa.content_words(entry["chunk"]), 0.6)
             assert reason == entry.get("expected_grounding"), (answer, reason)
     for cause in entry.get("expected_repairs", []):
         assert tally.repaired[cause] >= 1, (cause, tally)
@@ -146,6 +146,7 @@ def test_grounding():
     assert qa.check_grounded("The Rhine flows to the North Sea.", q, chunk, 0.6) is None
     assert qa.check_grounded("The Rhine flows.", q, chunk, 0.6) == "restates_question"
     assert qa.check_grounded("It flows into the Pacific Ocean near Tokyo.", q, chunk, 0.6) == "not_grounded"
+    assert qa.check_grounded("The Rhine flows to the North Sea since 1815.", q, chunk, 0.6) == "number_not_in_chunk"
     assert qa.support("Which sea does the Rhine reach?", chunk) == pytest.approx(2 / 3)
 
 

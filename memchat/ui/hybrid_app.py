@@ -3,8 +3,8 @@
 Modes:
   RAG         retrieve -> evidence -> grounded answer, with citations (``memchat.rag``)
   Fine-tuned  the fine-tuned model alone, from its weights: no citations
-  Hybrid      the fine-tuned draft widens retrieval, the answer is grounded and cited
-              (``memchat.hybrid``)
+  Hybrid      the fine-tuned draft widens retrieval; the evidence picks the draft or the
+              grounded answer, shown with that evidence and cited (``memchat.hybrid``)
   Compare     the three side by side on the same question
 
 Every answer shows the time it took; every answer that used retrieval shows its
@@ -31,6 +31,11 @@ from memchat.ui.finetuned_app import generation_settings, load_finetuned, model_
 from memchat.ui.rag_app import get_embedder, get_generator, show_sources
 
 MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
+ROUTES = {  # HybridAnswer.route -> what the caption says produced the answer
+    "grounded": "grounded in the evidence",
+    "draft": "the fine-tuned draft, backed by the evidence",
+    "finetuned": "the fine-tuned model alone (the documents did not match)",
+}
 NO_STORE = ("No knowledge base in encrypted_faiss_storage/ yet. Add PDFs first: python main.py "
             "(the RAG app), or python main.py add FILE.pdf")
 
@@ -97,7 +102,7 @@ def show_result_footer(result: dict) -> None:
                 st.text(answer.draft)
     else:
         st.caption("No retrieval: no citations.")
-    route = getattr(answer, "route", "") if answer is not None else ""
+    route = ROUTES.get(getattr(answer, "route", "") if answer is not None else "", "")
     st.caption(f"⏱ {result['seconds']:.1f} s · {result['model']}" + (f" · answer: {route}" if route else ""))
 
 
@@ -121,7 +126,8 @@ def render() -> None:
     st.set_page_config(page_title="Mem_Chat hybrid", page_icon="🔀", layout="wide")
     st.title("🔀 Mem_Chat: RAG, fine-tuned, or both")
     st.caption("RAG reads your documents at answer time and cites them; the fine-tuned model answers from what it "
-               "learned; the hybrid uses the fine-tuned model's draft to find the right passages, then answers from them.")
+               "learned; the hybrid uses the fine-tuned model's draft to find the right passages, and lets the "
+               "evidence decide between that draft and the grounded answer.")
     if "hybrid_messages" not in st.session_state:
         st.session_state.hybrid_messages = []
 
@@ -149,8 +155,9 @@ def render() -> None:
     strategy = DEFAULT_STRATEGY
     if mode in ("Hybrid", "Compare"):
         strategy = st.sidebar.selectbox("Hybrid strategy", STRATEGIES, index=STRATEGIES.index(DEFAULT_STRATEGY),
-                                        help="expand: draft widens retrieval, grounded answer; verify: also keep "
-                                             "the draft when the evidence backs it better; route: by retrieval score")
+                                        help="verify: the draft widens retrieval, and replaces the grounded answer "
+                                             "only when the evidence backs it better; expand: always the grounded "
+                                             "answer; route: RAG or the fine-tuned model by retrieval score")
 
     show_history()
     if reasons[mode]:
