@@ -11,6 +11,7 @@ One run answers every question with every system and reports, per system:
   MC acc     multiple choice by answer log-likelihood, no sampling (Ovadia et al.
              2023, "Fine-Tuning or Retrieval?"): for questions with ``options``, the
              option the system's model finds most likely after its own prompt
+             (summed token log-probs, as lm-evaluation-harness's "acc")
   p50/p95    seconds per answer. With batch size 1 (the default) each question is
              timed alone, as a user waits for it; with a larger batch it is the
              batch's time divided by its questions (throughput, labelled so).
@@ -324,8 +325,11 @@ def run_system(system: System, questions: Sequence[Question], cfg: EvalConfig,
 
 
 def score_system(system: System, questions: Sequence[Question], preds: Sequence[Prediction], k: int,
-                 with_mc: bool = True) -> tuple[dict, list[dict]]:
+                 with_mc: bool = True, progress: ProgressFn | None = None) -> tuple[dict, list[dict]]:
+    """Per-question rows and the system's metrics. Multiple choice runs the model here (one
+    forward pass per option), with its own progress line."""
     rows = []
+    n_mc = sum(1 for q in questions if q.options) if with_mc else 0
     em, f1, cont, hits, mc, secs, words = [], [], [], [], [], [], []
     for q, p in zip(questions, preds):
         row = {"text": p.text, "seconds": round(p.seconds, 4)}
@@ -351,6 +355,8 @@ def score_system(system: System, questions: Sequence[Question], preds: Sequence[
             row["mc_choice"] = q.options[choice]
             row["mc_correct"] = float(choice == gold_option(q.options, q.answers))
             mc.append(row["mc_correct"])
+            if progress:
+                progress(f"{system.name} (options)", len(mc), n_mc)
         rows.append(row)
     metrics = {
         "questions": len(rows),
@@ -503,7 +509,7 @@ def evaluate(questions: Sequence[Question], systems: Sequence[System], cfg: Eval
     meta, rows = {}, {}
     for system in systems:
         preds = run_system(system, questions, cfg, progress)
-        metrics, rows[system.name] = score_system(system, questions, preds, cfg.top_k)
+        metrics, rows[system.name] = score_system(system, questions, preds, cfg.top_k, progress=progress)
         meta[system.name] = {"model": system.model, "metrics": metrics}
     return Report(questions_file, list(questions), cfg, meta, rows, list(notices), seconds=time.perf_counter() - t0)
 
