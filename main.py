@@ -16,13 +16,6 @@ import os
 import sys
 
 
-def _under_streamlit() -> bool:
-    if "streamlit" not in sys.modules:  # cheap check first: `list` must not import streamlit
-        return False
-    from streamlit.runtime import exists
-
-    return exists()
-
 
 def build_parser() -> argparse.ArgumentParser:
     from memchat.config import ChunkConfig, EmbeddingConfig, GenerationConfig, RAGConfig
@@ -167,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if _under_streamlit():
+from memchat.ui import running_under_streamlit  # noqa: E402
+
+if running_under_streamlit():
     from memchat.ui.rag_app import render
 
     render()

@@ -16,13 +16,6 @@ import os
 import sys
 
 
-def _under_streamlit() -> bool:
-    if "streamlit" not in sys.modules:
-        return False
-    from streamlit.runtime import exists
-
-    return exists()
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main_hybrid.py", description="Mem_Chat: RAG vs fine-tuned vs hybrid, in Streamlit.")
@@ -38,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-if _under_streamlit():
+from memchat.ui import running_under_streamlit  # noqa: E402
+
+if running_under_streamlit():
     from memchat.ui.hybrid_app import render
 
     render()

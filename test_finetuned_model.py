@@ -21,13 +21,6 @@ import sys
 import time
 
 
-def _under_streamlit() -> bool:
-    if "streamlit" not in sys.modules:  # cheap check first: the CLI must not import streamlit
-        return False
-    from streamlit.runtime import exists
-
-    return exists()
-
 
 def build_parser() -> argparse.ArgumentParser:
     from memchat.config import GenerationConfig, finetuned_dir
@@ -176,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if _under_streamlit():
+from memchat.ui import running_under_streamlit  # noqa: E402
+
+if running_under_streamlit():
     from memchat.ui.finetuned_app import render
 
     _app_args = argparse.ArgumentParser(add_help=False)
