@@ -1,0 +1,251 @@
+"""Text helpers shared by the query path and the training data: one definition each.
+
+- ``content_words``: the stemmed words that carry meaning (overlap and support checks).
+- ``question_kind``: what kind of answer a question asks for, from its question word
+  ("who" -> a name, "when"/"what year" -> a date, "how many" -> a number, ...).
+- ``answer_spans``: the short spans of a sentence that can be answers (dates, numbers,
+  names, noun-like phrases), each with its kind. The extractive reader scores them;
+  the training data turns them into cloze questions with ``wh_word``.
+
+These are surface heuristics over English punctuation and capitalisation, with no
+tagger or parser (none ships offline): good enough to propose candidates that a model
+then ranks, not to decide alone. Deliberately left out: sentence splitting (it lives
+with the chunker, ``chunking.split_sentences``) and anything that loads a model.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+WORD = re.compile(r"[^\W_]+", re.UNICODE)
+STOPWORDS = frozenset(
+    """a an the of in on at to for from by with and or but nor is are was were be been being am what which who whom
+    whose when where why how did does do done that this these those it its as than then into about after before during
+    many much can could would should will shall may might must has have had having not no yes there their they them he
+    she his her him we our us you your i me my so such if also any some all each other one ones more most very just
+    only own same too both either neither s t text according question answer passage please write""".split()
+)
+
+
+def normalize(text: str) -> str:
+    """Lower-case letters and digits only: the key for exact-duplicate checks."""
+    return " ".join(WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+
+
+def stem(word: str) -> str:
+    # Just enough stemming for overlap checks: plates/plate, studies/study, crystallized/crystallize.
+    for suffix, repl in (("ies", "y"), ("sses", "ss"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if len(word) > len(suffix) + 3 and word.endswith(suffix):
+            return word[: -len(suffix)] + repl
+    return word
+
+
+def content_words(text: str) -> set[str]:
+    """Stemmed words that carry meaning (no stop words, no single letters)."""
+    words = WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return {stem(w) for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())}
+
+
+def content_word_list(text: str) -> list[str]:
+    """``content_words`` in order, with repeats (for BM25-style counting)."""
+    words = WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return [stem(w) for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())]
+
+
+# ---------------------------------------------------------------------------
+# Answer kinds
+# ---------------------------------------------------------------------------
+DATE, NUMBER, NAME, PHRASE = "date", "number", "name", "phrase"
+KINDS = (DATE, NUMBER, NAME, PHRASE)
+
+_MONTHS = ("january february march april may june july august september october november december "
+           "jan feb mar apr jun jul aug sep sept oct nov dec").split()
+_MONTH = set(_MONTHS)
+_UNITS = set(
+    """percent per cent million millions billion billions thousand thousands hundred hundreds trillion dozen
+    years year months month weeks week days day hours hour minutes minute seconds second decades decade centuries century
+    km kilometers kilometres miles mile meters metres m cm mm kg g mg ml l feet ft inches metre meter tons tonnes
+    degrees °c °f people times species members""".split()
+)
+_YEARISH = re.compile(r"^(1[0-9]{3}|20[0-9]{2})s?$|^[0-9]{2,4}s$")
+_HAS_DIGIT = re.compile(r"\d")
+_NUMBER_WORDS = set("one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred "
+                    "thousand million billion dozen half".split())
+
+# question word -> the kind of answer it asks for (None = any)
+_KIND_PATTERNS = [
+    (re.compile(r"\b(what|which)\s+(year|decade|century|date|month|day|time|period|era)\b|\bwhen\b|\bhow long ago\b", re.I), DATE),
+    (re.compile(r"\bhow\s+(many|much|long|far|old|large|big|tall|high|deep|wide|often|fast)\b|\bwhat\s+(percentage|percent|proportion|number|amount)\b", re.I), NUMBER),
+    (re.compile(r"\b(who|whom|whose)\b", re.I), NAME),
+]
+
+
+def question_kind(question: str) -> str | None:
+    """The kind of answer ``question`` asks for (DATE, NUMBER, NAME), or None when any phrase may do."""
+    for pattern, kind in _KIND_PATTERNS:
+        if pattern.search(question):
+            return kind
+    return None
+
+
+def wh_word(kind: str) -> str:
+    """The question word that asks for an answer of ``kind`` (for cloze questions)."""
+    return {DATE: "When", NUMBER: "How many", NAME: "Who"}.get(kind, "What")
+
+
+# ---------------------------------------------------------------------------
+# Candidate answer spans
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Token:
+    text: str
+    start: int  # character offsets in the sentence
+    end: int
+
+
+@dataclass(frozen=True)
+class Span:
+    text: str  # exactly sentence[start:end]
+    start: int
+    end: int
+    kind: str  # DATE | NUMBER | NAME | PHRASE
+
+    @property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+_TOKEN = re.compile(r"[^\W_](?:[\w'’.\-–/,%°]*[\w%°])?|\$|€|£|\S", re.UNICODE)
+_INNER_COMMA = re.compile(r"^\d{1,3}(,\d{3})+(\.\d+)?$")
+
+
+def tokens(sentence: str) -> list[Token]:
+    """Words (keeping inner hyphens, apostrophes, decimal points and thousands commas) and punctuation."""
+    out = []
+    for m in _TOKEN.finditer(sentence):
+        text, start, end = m.group(), m.start(), m.end()
+        # "Paris," -> "Paris" + ","; a trailing "." that is no decimal point is punctuation
+        while len(text) > 1 and text[-1] in ",." and not _INNER_COMMA.match(text) and not re.match(r"^\d+\.\d+$", text):
+            text, end = text[:-1], end - 1
+        if len(text) > 1 and "," in text and not _INNER_COMMA.match(text):  # "a,b" glued words: split at the comma
+            pos = start
+            for part in text.split(","):
+                if part:
+                    out.append(Token(part, pos, pos + len(part)))
+                pos += len(part) + 1
+            continue
+        out.append(Token(text, start, end))
+    return out
+
+
+def _is_word(t: Token) -> bool:
+    return t.text[:1].isalnum()
+
+
+def _is_stop(t: Token) -> bool:
+    return t.text.lower() in STOPWORDS
+
+
+def _is_cap(t: Token) -> bool:
+    return t.text[:1].isupper()
+
+
+def _is_numeric(t: Token) -> bool:
+    low = t.text.lower()
+    return bool(_HAS_DIGIT.search(low)) or low in _NUMBER_WORDS
+
+
+# sentence-initial capitalised words that are not names ("Within the last ...", "During ...")
+_COMMON_INITIAL = set("""within during although however while since after before because despite among between under
+over through throughout following according unlike like until upon once today most many some several""".split())
+_CONNECTORS = {"of", "the", "and", "de", "von", "van", "du", "la", "for", "on"}  # inside names: Bank of England
+MAX_SPAN_WORDS = 8  # SQuAD answers: median 2 words, 90% at most 8 (Rajpurkar et al. 2016)
+
+
+def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS) -> list[Span]:
+    """Candidate answers in ``sentence``: dates, numbers (with units), names and content phrases.
+
+    Spans never start or end on a stop word or punctuation, and never cross a comma,
+    semicolon or bracket (except inside a number). Duplicates (same offsets) are dropped;
+    the order is by position.
+    """
+    toks = tokens(sentence)
+    n = len(toks)
+    found: dict[tuple[int, int], str] = {}
+
+    def add(i: int, j: int, kind: str) -> None:  # tokens i..j inclusive
+        while i <= j and (not _is_word(toks[i]) or (_is_stop(toks[i]) and not _is_numeric(toks[i]))):
+            i += 1
+        while j >= i and (not _is_word(toks[j]) or (_is_stop(toks[j]) and not _is_numeric(toks[j]))):
+            j -= 1
+        if i > j or (j - i + 1) > max_words:
+            return
+        key = (toks[i].start, toks[j].end)
+        rank = KINDS.index(kind)
+        if key not in found or KINDS.index(found[key]) > rank:
+            found[key] = kind
+
+    i = 0
+    while i < n:  # numbers and dates: a numeric run plus a month, currency or unit around it
+        t = toks[i]
+        if _is_numeric(t) or t.text.lower() in _MONTH:
+            j = i
+            while j + 1 < n and (_is_numeric(toks[j + 1]) or toks[j + 1].text.lower() in _MONTH
+                                 or toks[j + 1].text in {"–", "-", "to", "and"} and j + 2 < n and _is_numeric(toks[j + 2])):
+                j += 1
+            s = i - 1 if i > 0 and toks[i - 1].text in {"$", "€", "£", "c.", "AD", "BC"} else i
+            e = j + 1 if j + 1 < n and toks[j + 1].text.lower() in _UNITS else j
+            words = [x.text.lower() for x in toks[s : e + 1]]
+            has_digit = any(_HAS_DIGIT.search(w) for w in words)
+            is_date = any(w in _MONTH for w in words) or any(_YEARISH.match(w) for w in words)
+            if has_digit or words[0] in _NUMBER_WORDS:
+                add(s, j, DATE if is_date else NUMBER)
+                if e != j:
+                    add(s, e, DATE if is_date else NUMBER)
+            i = j + 1
+            continue
+        i += 1
+
+    i = 0
+    while i < n:  # names: runs of capitalised words, with connectors inside
+        if _is_word(toks[i]) and _is_cap(toks[i]) and not _is_stop(toks[i]) and not (i == 0 and _is_cap(toks[i]) and
+                                                                                  not (i + 1 < n and _is_cap(toks[i + 1]))
+                                                                                  and toks[i].text.lower() in _COMMON_INITIAL):
+            j = i
+            while j + 1 < n:
+                nxt = toks[j + 1]
+                if _is_word(nxt) and _is_cap(nxt):
+                    j += 1
+                elif nxt.text.lower() in _CONNECTORS and j + 2 < n and _is_cap(toks[j + 2]) and _is_word(toks[j + 2]):
+                    j += 2
+                else:
+                    break
+            add(i, j, NAME)
+            i = j + 1
+            continue
+        i += 1
+
+    # phrases: maximal runs of words between punctuation and clause words, and their "X of Y" joins
+    breaks = {",", ";", ":", "(", ")", "[", "]", "—", "–", '"', "“", "”", "?", "!", "."}
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < n:
+        if _is_word(toks[i]) and not _is_stop(toks[i]):
+            j = i
+            while j + 1 < n and _is_word(toks[j + 1]) and not _is_stop(toks[j + 1]) and toks[j + 1].text not in breaks:
+                j += 1
+            runs.append((i, j))
+            i = j + 1
+        else:
+            i += 1
+    for a, (i, j) in enumerate(runs):
+        add(i, j, PHRASE)
+        # "the X of the Y", "X and Y": join with the next run across one or two connector words
+        if a + 1 < len(runs):
+            i2, j2 = runs[a + 1]
+            gap = [toks[k].text.lower() for k in range(j + 1, i2)]
+            if gap and len(gap) <= 2 and all(g in {"of", "the", "and", "a", "an", "in", "for", "'s", "’s"} for g in gap):
+                add(i, j2, PHRASE)
+    return [Span(sentence[s:e], s, e, kind) for (s, e), kind in sorted(found.items())]
