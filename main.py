@@ -1,6 +1,7 @@
 """Mem_Chat RAG: chat with your PDFs, privately.
 
-    python main.py                      # start the Streamlit app (same as: streamlit run main.py)
+    python main.py                      # start the Streamlit app on 127.0.0.1 (same as: streamlit run main.py)
+    python main.py app --host 0.0.0.0   # the same, reachable from other machines: needs MEMCHAT_APP_PASSWORD
     python main.py add FILE.pdf ...     # add or update PDFs in encrypted_faiss_storage/
     python main.py list                 # documents, versions, pages, chunks
     python main.py remove NAME          # remove a document and its chunks
@@ -18,13 +19,14 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memchat.config import ChunkConfig, EmbeddingConfig, GenerationConfig, RAGConfig
+    from memchat.cli import add_app_flags
+    from memchat.config import AppConfig, ChunkConfig, EmbeddingConfig, GenerationConfig, RAGConfig
 
     p = argparse.ArgumentParser(prog="main.py", description="Mem_Chat: RAG over your own PDFs, encrypted at rest.")
     sub = p.add_subparsers(dest="command")
 
     app = sub.add_parser("app", help="start the Streamlit app (the default with no subcommand)")
-    app.add_argument("--port", type=int, default=8501, help="port for the app (default 8501)")
+    add_app_flags(app, AppConfig.rag_port)
 
     add = sub.add_parser("add", help="add or update PDFs")
     add.add_argument("files", nargs="+", help="PDF files")
@@ -132,11 +134,10 @@ def cmd_ask(args) -> int:
     return 0
 
 
-def launch_app(port: int = 8501) -> int:
-    cmd = [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__), "--server.port", str(port),
-           "--browser.gatherUsageStats", "false"]
-    os.execv(sys.executable, cmd)  # replaces this process: Ctrl-C reaches Streamlit directly
-    return 0  # not reached
+def launch_app(host: str, port: int) -> int:
+    from memchat.cli import launch_streamlit
+
+    return launch_streamlit(__file__, host, port)  # bound to 127.0.0.1 unless --host (and a password)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,19 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Library notices (e.g. "model X not available offline; using the bundled one") as one plain line.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    if args.command in (None, "app"):
-        return launch_app(getattr(args, "port", 8501))
-    from memchat.errors import MemChatError
+    from memchat.cli import run
+    from memchat.config import AppConfig
 
+    if args.command in (None, "app"):
+        return run(launch_app, getattr(args, "host", AppConfig.host), getattr(args, "port", AppConfig.rag_port))
     handler = {"add": cmd_add, "list": cmd_list, "remove": cmd_remove, "ask": cmd_ask}[args.command]
-    try:
-        return handler(args)
-    except MemChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run(handler, args)
 
 
 from memchat.ui import running_under_streamlit  # noqa: E402

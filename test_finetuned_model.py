@@ -23,7 +23,7 @@ import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memchat.config import GenerationConfig, finetuned_dir
+    from memchat.config import AppConfig, GenerationConfig, finetuned_dir
     from memchat.evaluate import SYSTEMS, EvalConfig
     from memchat.hybrid import STRATEGIES
 
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens (the guide's max_length)")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (the guide's 0.7)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (reproducible)")
-    g.add_argument("--port", type=int, default=8502, help="port of the Streamlit chat")
+    g.add_argument("--port", type=int, default=AppConfig.finetuned_port, help="port of the Streamlit chat")
+    g.add_argument("--host", default=AppConfig.host,
+                   help="address of the Streamlit chat (default 127.0.0.1, this machine only); anything else "
+                        "needs MEMCHAT_APP_PASSWORD or MEMCHAT_APP_PASSWORD_HASH")
 
     e = p.add_argument_group("comparison (--eval)")
     e.add_argument("--eval", metavar="QUESTIONS", help="question file (JSONL, or the extraction's dataset JSON)")
@@ -143,10 +146,10 @@ def cmd_eval(args) -> int:
 
 
 def launch_app(args) -> int:
-    cmd = [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__), "--server.port", str(args.port),
-           "--browser.gatherUsageStats", "false", "--", "streamlit", "--model-dir", args.model_dir]
-    os.execv(sys.executable, cmd)  # replaces this process: Ctrl-C reaches Streamlit directly
-    return 0  # not reached
+    from memchat.cli import launch_streamlit
+
+    # bound to 127.0.0.1 unless --host (and a password)
+    return launch_streamlit(__file__, args.host, args.port, ["streamlit", "--model-dir", args.model_dir])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,18 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Library notices (e.g. "model X not available offline; using the bundled one") as one plain line.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    if args.mode == "streamlit":
-        return launch_app(args)
-    from memchat.errors import MemChatError
+    from memchat.cli import run
 
-    try:
-        return cmd_eval(args) if args.eval else cmd_chat(args)
-    except MemChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    if args.mode == "streamlit":
+        return run(launch_app, args)
+    return run(cmd_eval if args.eval else cmd_chat, args)
 
 
 from memchat.ui import running_under_streamlit  # noqa: E402

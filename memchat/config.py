@@ -109,6 +109,41 @@ class RAGConfig:
 
 
 @dataclass
+class AppConfig:
+    """The Streamlit apps: where they listen and who gets in (``memchat.auth``)."""
+
+    # Loopback only: the app server holds the store's key, so whoever reaches the port reads the
+    # documents. Other machines get in through an SSH tunnel, or --host 0.0.0.0 plus a password.
+    host: str = "127.0.0.1"
+    rag_port: int = 8501  # Streamlit's own default: `python main.py`
+    finetuned_port: int = 8502  # test_finetuned_model.py streamlit
+    hybrid_port: int = 8503  # main_hybrid.py
+    # Streamlit's server.maxUploadSize (MB, whole request). Its default, 200 MB, is held in memory;
+    # a 300-page text PDF is a few MB. Keep in step with .streamlit/config.toml.
+    max_upload_mb: int = 50
+    min_password_chars: int = 12  # MEMCHAT_APP_PASSWORD: ~70 bits as random letters, out of online reach
+    login_failure_delay_s: float = 1.0  # each wrong password waits this long: online guessing crawls
+    pbkdf2_iterations: int = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256 (hashes we make)
+    min_pbkdf2_iterations: int = 100_000  # floor on a hash we are given: below it an offline guess is cheap
+
+
+@dataclass(frozen=True)
+class KdfConfig:
+    """scrypt for MEMCHAT_PASSPHRASE (the store) and app password hashes."""
+
+    n: int = 2**17  # OWASP's minimum (N=2^17, r=8, p=1): 128 MiB and ~0.3 s, once per process
+    r: int = 8
+    p: int = 1
+    # Bounds on what kdf.json may ask for. The floor lets stores made at the old 2^15 still open;
+    # the ceiling (1 GiB at r=8) stops a damaged or hostile kdf.json from exhausting memory.
+    min_n: int = 2**14
+    max_n: int = 2**20
+    max_r: int = 16
+    max_p: int = 16
+    max_memory_bytes: int = 1 << 30  # 128 * n * r * p, whatever the split
+
+
+@dataclass
 class ExtractConfig:
     model_name: str = DEFAULT_GENERATION_MODEL
     max_pairs_per_chunk: int = 3  # questions per chunk (the guide's default; 5 at most)

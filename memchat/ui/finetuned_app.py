@@ -14,85 +14,51 @@ from pathlib import Path
 
 import streamlit as st
 
-from memchat import config
-from memchat.errors import MemChatError
-from memchat.finetuned import FineTunedChat
-
-
-@st.cache_resource(show_spinner="Loading the fine-tuned model (once per server)...")
-def _finetuned(model_dir: str, stamp: float) -> FineTunedChat:
-    return FineTunedChat(model_dir)
-
-
-def load_finetuned(model_dir: str | Path | None = None) -> FineTunedChat:
-    """The cached model of ``model_dir`` (default finetuned_model/). Raises MemChatError."""
-    model_dir = Path(model_dir) if model_dir else config.finetuned_dir()
-    files = [model_dir / "config.json", model_dir / config.FINETUNED_META_FILENAME]
-    stamp = max((f.stat().st_mtime for f in files if f.exists()), default=0.0)  # retraining -> a new key
-    return _finetuned(str(model_dir), stamp)
-
-
-def model_summary(chat: FineTunedChat) -> str:
-    meta = chat.meta
-    if not meta:
-        return f"{chat.model_dir} (no Mem_Chat metadata)"
-    results, records = meta.get("results") or {}, ((meta.get("dataset") or {}).get("records") or {})
-    loss = results.get("eval_loss") if results.get("eval_loss") is not None else results.get("train_loss")
-    docs = len((meta.get("lineage") or {}).get("documents") or [])
-    parts = [chat.display_name, f"trained {str(meta.get('created', '?'))[:16].replace('T', ' ')}",
-             f"{records.get('train', '?')} training pairs from {docs} documents"]
-    if loss is not None:
-        parts.append(f"{'validation' if results.get('eval_loss') is not None else 'training'} loss {loss:.3f}")
-    return " · ".join(parts)
-
-
-def generation_settings(container=st.sidebar) -> dict:
-    """The guide's generate_response settings, adjustable."""
-    container.subheader("Fine-tuned model")
-    sample = container.toggle("Sample (off = greedy, reproducible)", value=True, key="ft_sample")
-    temperature = container.slider("Temperature", 0.1, 1.5, 0.7, 0.1, disabled=not sample, key="ft_temperature")
-    max_length = container.slider("Max length (prompt + answer tokens)", 64, 1024, 512, 32, key="ft_max_length")
-    return dict(max_length=max_length, temperature=temperature, do_sample=sample)
+from memchat.ui.common import (errors_shown, generation_settings, load_finetuned, md_escape, model_summary,
+                               require_login, show_text, stream_text)
 
 
 def render(model_dir: str | Path | None = None) -> None:
     st.set_page_config(page_title="Mem_Chat: fine-tuned model", page_icon="🧠")
+    require_login("Mem_Chat: fine-tuned model")
     st.title("🧠 Mem_Chat: fine-tuned model")
     st.caption("Answers from the model's own weights, trained on your documents: no retrieval, so no citations. "
                "For cited answers use the RAG app (python main.py) or the hybrid app (streamlit run main_hybrid.py).")
     if "ft_messages" not in st.session_state:
         st.session_state.ft_messages = []
 
+    from memchat.errors import MemChatError
+
     try:
         chat = load_finetuned(model_dir)
-    except MemChatError as exc:
-        st.info(str(exc))
+    except MemChatError as exc:  # no model yet: a hint, not an error
+        st.info(md_escape(str(exc)))
         st.stop()
     if chat.notice:
         st.warning(chat.notice)
-    stale = chat.staleness()
+    try:
+        stale = chat.staleness()
+    except MemChatError as exc:  # the store does not open: the model still answers
+        stale = str(exc)
     if stale:
-        st.warning(stale)
+        st.warning(md_escape(stale))
     st.sidebar.caption(model_summary(chat))
     settings = generation_settings()
 
     for msg in st.session_state.ft_messages:
         with st.chat_message(msg["role"]):
-            st.markdown(msg["content"])
+            show_text(msg["content"])
             if msg.get("caption"):
                 st.caption(msg["caption"])
 
     if prompt := st.chat_input("Ask the fine-tuned model"):
         st.session_state.ft_messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
-            st.markdown(prompt)
+            show_text(prompt)
         with st.chat_message("assistant"):
             t0 = time.perf_counter()
-            try:
-                text = st.write_stream(chat.stream(prompt, **settings))
-            except MemChatError as exc:
-                st.error(str(exc))
-                st.stop()
-            caption = f"⏱ {time.perf_counter() - t0:.1f} s · {chat.display_name}"
+            with errors_shown():
+                text = stream_text(chat.stream(prompt, **settings))
+            caption = f"⏱ {time.perf_counter() - t0:.1f} s · {md_escape(chat.display_name)}"
             st.caption(caption)
         st.session_state.ft_messages.append({"role": "assistant", "content": text or "", "caption": caption})

@@ -27,8 +27,8 @@ from memchat.config import GenerationConfig
 from memchat.errors import MemChatError
 from memchat.hybrid import DEFAULT_STRATEGY, STRATEGIES
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.finetuned_app import generation_settings, load_finetuned, model_summary
-from memchat.ui.rag_app import get_embedder, get_generator, show_sources
+from memchat.ui.common import (attach_embedder, errors_shown, generation_settings, get_generator, load_finetuned,
+                               md_escape, model_summary, require_login, show_sources, show_text, stream_text)
 
 MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
 ROUTES = {  # HybridAnswer.route -> what the caption says produced the answer
@@ -40,26 +40,16 @@ NO_STORE = ("No knowledge base in encrypted_faiss_storage/ yet. Add PDFs first: 
             "(the RAG app), or python main.py add FILE.pdf")
 
 
-def attach_embedder(kb: KnowledgeBase) -> KnowledgeBase:
-    """Give the knowledge base the cached embedder of the model it was built with."""
-    spec = kb.embedding_spec() or {}
-    kb._embedder = get_embedder(spec.get("model", kb.embed_cfg.model_name), spec.get("backend", kb.embed_cfg.backend))
-    return kb
-
-
 def availability(kb: KnowledgeBase) -> tuple[dict, object]:
     """(reason each mode is unavailable, or None; the fine-tuned model or None)."""
-    try:
+    with errors_shown():  # a store that does not open (wrong key, damaged)
         docs = kb.documents()
-    except MemChatError as exc:  # a store that does not open (wrong key, damaged)
-        st.error(str(exc))
-        st.stop()
     rag_reason = None if docs else NO_STORE
     chat, ft_reason = None, None
     try:
         chat = load_finetuned()
     except MemChatError as exc:  # missing, or metadata of another version: the RAG mode still works
-        ft_reason = str(exc)
+        ft_reason = md_escape(str(exc))
     both = " ".join(r for r in (rag_reason, ft_reason) if r) or None
     return {"RAG": rag_reason, "Fine-tuned": ft_reason, "Hybrid": both, "Compare": both}, chat
 
@@ -67,7 +57,7 @@ def availability(kb: KnowledgeBase) -> tuple[dict, object]:
 def run_rag(rag, prompt: str) -> dict:
     pieces, answer = rag.stream(prompt)
     t0 = time.perf_counter()
-    st.write_stream(pieces)
+    stream_text(pieces)
     seconds = answer.seconds or time.perf_counter() - t0
     result = {"system": "RAG", "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
     show_result_footer(result)
@@ -76,7 +66,7 @@ def run_rag(rag, prompt: str) -> dict:
 
 def run_finetuned(chat, prompt: str, settings: dict) -> dict:
     t0 = time.perf_counter()
-    text = st.write_stream(chat.stream(prompt, **settings))
+    text = stream_text(chat.stream(prompt, **settings))
     result = {"system": "Fine-tuned", "text": text or "", "answer": None, "seconds": time.perf_counter() - t0,
               "model": chat.display_name}
     show_result_footer(result)
@@ -86,7 +76,7 @@ def run_finetuned(chat, prompt: str, settings: dict) -> dict:
 def run_hybrid(hybrid, prompt: str) -> dict:
     pieces, answer = hybrid.stream(prompt)
     t0 = time.perf_counter()
-    st.write_stream(pieces)
+    stream_text(pieces)
     seconds = answer.seconds or time.perf_counter() - t0
     result = {"system": "Hybrid", "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
     show_result_footer(result)
@@ -103,14 +93,14 @@ def show_result_footer(result: dict) -> None:
     else:
         st.caption("No retrieval: no citations.")
     route = ROUTES.get(getattr(answer, "route", "") if answer is not None else "", "")
-    st.caption(f"⏱ {result['seconds']:.1f} s · {result['model']}" + (f" · answer: {route}" if route else ""))
+    st.caption(f"⏱ {result['seconds']:.1f} s · {md_escape(result['model'])}" + (f" · answer: {route}" if route else ""))
 
 
 def show_history() -> None:
     for msg in st.session_state.hybrid_messages:
         with st.chat_message(msg["role"]):
             if msg["role"] == "user":
-                st.markdown(msg["content"])
+                show_text(msg["content"])
                 continue
             results = msg["results"]
             columns = st.columns(len(results)) if len(results) > 1 else [st.container()]
@@ -118,12 +108,13 @@ def show_history() -> None:
                 with col:
                     if len(results) > 1:
                         st.markdown(f"**{result['system']}**")
-                    st.markdown(result["text"])
+                    show_text(result["text"])
                     show_result_footer(result)
 
 
 def render() -> None:
     st.set_page_config(page_title="Mem_Chat hybrid", page_icon="🔀", layout="wide")
+    require_login("Mem_Chat hybrid")
     st.title("🔀 Mem_Chat: RAG, fine-tuned, or both")
     st.caption("RAG reads your documents at answer time and cites them; the fine-tuned model answers from what it "
                "learned; the hybrid uses the fine-tuned model's draft to find the right passages, and lets the "
@@ -148,9 +139,12 @@ def render() -> None:
         st.sidebar.caption(model_summary(chat))
         if chat.notice:
             st.warning(chat.notice)
-        stale = chat.staleness(kb=kb)
+        try:
+            stale = chat.staleness(kb=kb)
+        except MemChatError as exc:
+            stale = str(exc)
         if stale:
-            st.warning(stale)
+            st.warning(md_escape(stale))
     settings = generation_settings() if mode in ("Fine-tuned", "Compare") else {}
     strategy = DEFAULT_STRATEGY
     if mode in ("Hybrid", "Compare"):
@@ -169,7 +163,8 @@ def render() -> None:
         from memchat.rag import RAGPipeline
 
         model_name = os.environ.get("MEMCHAT_LLM", GenerationConfig.model_name)
-        generator = get_generator(model_name)
+        with errors_shown():
+            generator = get_generator(model_name)
         if generator.notice:
             st.warning(generator.notice)
         rag = RAGPipeline(attach_embedder(kb), generator, generation=GenerationConfig(model_name=model_name))
@@ -181,9 +176,9 @@ def render() -> None:
     if prompt := st.chat_input("Ask a question about your documents"):
         st.session_state.hybrid_messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
-            st.markdown(prompt)
+            show_text(prompt)
         with st.chat_message("assistant"):
-            try:
+            with errors_shown():
                 if mode == "RAG":
                     results = [run_rag(rag, prompt)]
                 elif mode == "Fine-tuned":
@@ -200,7 +195,4 @@ def render() -> None:
                         with col:
                             st.markdown(f"**{name}**")
                             results.append(run())
-            except MemChatError as exc:
-                st.error(str(exc))
-                st.stop()
         st.session_state.hybrid_messages.append({"role": "assistant", "results": results})
