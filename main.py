@@ -6,6 +6,8 @@
     python main.py list                 # documents, versions, pages, chunks
     python main.py remove NAME          # remove a document and its chunks
     python main.py ask "QUESTION"       # answer with citations on stdout
+    python main.py ask "Q" --llm-server http://127.0.0.1:8000/v1   # generate on vLLM / llama-server / Ollama
+    python main.py serve                # OpenAI-compatible API on 127.0.0.1:8000 (needs MEMCHAT_API_KEY or --no-auth)
 
 Every subcommand has --help. Errors: one line on stderr, exit code 1.
 """
@@ -52,7 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
     g = ask.add_argument_group("generation")
     g.add_argument("--model", default=GenerationConfig.model_name, help="instruct model (hub id or local folder)")
     g.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens, help="answer length cap")
+    _add_llm_server_flags(ask)
+
+    from memchat.config import ServeConfig
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (models, chat completions, documents)")
+    g = serve.add_argument_group("listening")
+    g.add_argument("--host", default=ServeConfig.host, help=f"address to bind (default {ServeConfig.host}: this machine only)")
+    g.add_argument("--port", type=int, default=ServeConfig.port, help=f"port (default {ServeConfig.port})")
+    g.add_argument("--no-auth", action="store_true",
+                   help="serve without a key (loopback only); otherwise clients send Bearer $MEMCHAT_API_KEY")
+    g = serve.add_argument_group("models")
+    g.add_argument("--model", default=GenerationConfig.model_name, help="instruct model for memchat-rag/-hybrid")
+    g.add_argument("--served-model-name", default=None,
+                   help="name the base model is listed under (default: its hub id, or the folder given)")
+    g.add_argument("--top-k", type=int, default=RAGConfig.top_k, help="chunks retrieved")
+    g.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens,
+                   help="default answer length cap (a request's max_tokens overrides it for the base model)")
+    g.add_argument("--max-batch", type=int, default=ServeConfig.max_batch,
+                   help="concurrent requests batched into one generate call (1 = one at a time)")
+    _add_llm_server_flags(serve)
     return p
+
+
+def _add_llm_server_flags(parser) -> None:
+    g = parser.add_argument_group("external generation engine")
+    g.add_argument("--llm-server", default=None, metavar="URL",
+                   help="OpenAI-compatible server that generates instead of this process, e.g. http://127.0.0.1:8000/v1 "
+                        "(vllm serve, llama-server, Ollama; default $MEMCHAT_LLM_SERVER; key in $MEMCHAT_LLM_API_KEY)")
+    g.add_argument("--llm-model", default=None, help="model name on that server (default: the first it lists)")
 
 
 def _kb(args):
@@ -118,7 +148,9 @@ def cmd_ask(args) -> int:
 
     kb = _kb(args)
     kb.store.read()  # fail fast (no store, wrong key) before loading any model
-    rag = RAGPipeline(kb, rag=RAGConfig(top_k=args.top_k),
+    from memchat.llm_client import make_engine
+
+    rag = RAGPipeline(kb, make_engine(args.model, args.llm_server, llm_model=args.llm_model), rag=RAGConfig(top_k=args.top_k),
                       generation=GenerationConfig(model_name=args.model, max_new_tokens=args.max_new_tokens))
     rag.generator  # load now: its fallback notice (if any) is logged before the answer starts
     pieces, answer = rag.stream(args.question)
@@ -132,6 +164,14 @@ def cmd_ask(args) -> int:
         for h in answer.hits:
             print(f"  - {h.citation}  (score {h.score:.2f})")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from memchat.serve import serve
+
+    return serve(host=args.host, port=args.port, no_auth=args.no_auth, model_name=args.model,
+                 served_model_name=args.served_model_name, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                 max_batch=args.max_batch, llm_server=args.llm_server, llm_model=args.llm_model)
 
 
 def launch_app(host: str, port: int) -> int:
@@ -151,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in (None, "app"):
         return run(launch_app, getattr(args, "host", AppConfig.host), getattr(args, "port", AppConfig.rag_port))
-    handler = {"add": cmd_add, "list": cmd_list, "remove": cmd_remove, "ask": cmd_ask}[args.command]
+    handler = {"add": cmd_add, "list": cmd_list, "remove": cmd_remove, "ask": cmd_ask, "serve": cmd_serve}[args.command]
     return run(handler, args)
 
 

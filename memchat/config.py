@@ -183,6 +183,38 @@ class TrainConfig:
     seed: int = 42
 
 
+LLM_SERVER_ENV = "MEMCHAT_LLM_SERVER"  # base URL of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama)
+LLM_API_KEY_ENV = "MEMCHAT_LLM_API_KEY"  # its bearer key, if it wants one (never in a config object)
+API_KEY_ENV = "MEMCHAT_API_KEY"  # the key clients of `main.py serve` must send
+
+
+@dataclass
+class LLMServerConfig:
+    """Generation on an external OpenAI-compatible engine instead of in-process."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1; None = in-process transformers
+    model: str | None = None  # served model name; None = the first one the server lists
+    # Requests in flight at once. vLLM batches whatever is in flight (continuous batching), so
+    # more is faster up to its max_num_seqs (256); llama-server serves -np slots and queues the rest.
+    concurrency: int = 16
+    timeout_s: float = 600.0  # one request: a CPU llama-server writing 256 tokens of a 1.5B model takes minutes
+    retries: int = 2  # connection errors and 429/5xx retried this often (1 s, 2 s backoff), then a clear error
+
+
+@dataclass
+class ServeConfig:
+    """`python main.py serve`: the OpenAI-compatible API."""
+
+    host: str = "127.0.0.1"  # loopback: the documents are reachable from this machine only unless asked
+    port: int = 8000  # what vLLM, llama-server and most OpenAI-compatible servers use
+    # Non-streamed requests that arrive within batch_window_ms of each other share one batched
+    # generate call (up to max_batch): on CPU 4 prompts in one call cost ~1.5x one prompt, not 4x.
+    max_batch: int = 8
+    batch_window_ms: float = 15.0  # << one answer's seconds; long enough for concurrent requests to meet
+    max_upload_bytes: int = 50 * 1024 * 1024  # per upload request; a 300-page text PDF is a few MB
+    max_request_bytes: int = 1024 * 1024  # a chat request body; prompts past this are a mistake or an attack
+
+
 @dataclass
 class Settings:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)

@@ -41,3 +41,7 @@ class EmbeddingMismatchError(StoreError):
 
 class DatasetError(MemChatError):
     """Training data is missing, empty or malformed."""
+
+
+class LLMServerError(ModelUnavailableError):
+    """The external OpenAI-compatible generation server is unreachable or refused a request."""

@@ -16,6 +16,13 @@ Prompts use the tokenizer's chat template when it has one. Models without one
 (GPT-2, DialoGPT) get the DialoGPT convention: each turn's text followed by eos,
 so one question reads ``question<eos>`` and the model answers ``answer<eos>``.
 
+The same interface (``GenerationEngine`` below: ``generate``, ``stream``,
+``loglikelihoods``, ``resolved``, ``notice``, ``stats``) has a second
+implementation, ``memchat.llm_client.LLMServerClient``, which sends the same
+conversations to an external OpenAI-compatible engine (vLLM, llama-server,
+Ollama, or Mem_Chat's own ``main.py serve``). ``prompt_logprobs`` is what that
+server side needs to give log-probabilities of a prompt.
+
 Deliberately not here: choosing device or dtype (``memchat.device``), finding the
 model (``memchat.models``), prompt wording for RAG or QA (``memchat.rag``,
 ``memchat.qa``), and any hand-made parallelism: this is plain transformers
@@ -30,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -71,6 +79,20 @@ class GenerationStats:
 
     def __str__(self) -> str:
         return f"{self.new_tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_s:.1f} tokens/s, {self.prompts} prompts)"
+
+
+class GenerationEngine(Protocol):
+    """What RAG, the hybrid, the extractor and the evaluation call: ``Generator`` or ``LLMServerClient``."""
+
+    resolved: ResolvedModel  # .display_name for the UI, .model_id for metadata, .requested
+    notice: str | None  # one line to show the user (a fallback was used), or None
+    stats: GenerationStats
+
+    def generate(self, batch: Sequence[Messages], **kwargs) -> list[GenerationResult]: ...
+
+    def stream(self, messages: Messages, **kwargs) -> Iterator[str]: ...
+
+    def loglikelihoods(self, requests: Sequence[tuple[Messages, str]], **kwargs) -> list[float]: ...
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -260,7 +282,7 @@ class Generator:
         if stopped_after is not None and stopped_after < count:
             count, reason = stopped_after, "stop"
         text = self.tokenizer.decode(new[:count], skip_special_tokens=True)
-        text, hit = _cut_at_stop(text, stop)
+        text, hit = cut_at_stop(text, stop)
         if hit:
             reason = "stop"
         return GenerationResult(text=text.strip(), prompt_tokens=prompt_tokens, new_tokens=count, finish_reason=reason)
@@ -317,9 +339,9 @@ class Generator:
                 if any(t in self.eos_ids for t in piece):
                     tokens = tokens[: next(i for i, t in enumerate(tokens) if t in self.eos_ids) + 1]
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                visible, hit = _cut_at_stop(text, stop)
+                visible, hit = cut_at_stop(text, stop)
                 visible = visible.lstrip()
-                safe = visible if hit else _hold_back(visible, stop)
+                safe = visible if hit else hold_back(visible, stop)
                 if len(safe) > len(emitted) and safe.startswith(emitted):
                     yield safe[len(emitted) :]
                     emitted = safe
@@ -327,7 +349,7 @@ class Generator:
                     break
             if failure:
                 raise failure[0]
-            final, _ = _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+            final, _ = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
             final = final.strip()
             if len(final) > len(emitted) and final.startswith(emitted):
                 yield final[len(emitted) :]
@@ -385,6 +407,33 @@ class Generator:
                 targets = torch.tensor(cont, device=logprobs.device)
                 scores[index] = float(logprobs.gather(1, targets[:, None]).sum())
         return scores
+
+
+    def prompt_logprobs(self, messages: Messages, *, continue_final_message: bool = False) -> tuple[list[int], list[float | None]]:
+        """Token ids of the formatted prompt and, per token, log p(token | the tokens before it).
+
+        The first token has no prediction (None). With ``continue_final_message`` the last
+        message (an assistant turn) is appended to the prompt of the ones before it as raw
+        text, exactly as ``loglikelihoods`` joins a continuation, so summing the tail of
+        the list gives the same score. This is the server side of vLLM's
+        ``prompt_logprobs`` extension (``memchat.serve``).
+        """
+        if continue_final_message:
+            if len(messages) < 2 or messages[-1].get("role") != "assistant":
+                raise ValueError("continue_final_message needs a conversation ending in an assistant message")
+            text = self.format_prompt(messages[:-1]) + messages[-1]["content"]
+        else:
+            text = self.format_prompt(messages)
+        ids = self._encode(text)
+        if self.max_positions and len(ids) > self.max_positions:
+            ids = ids[-self.max_positions :]
+        if not ids:
+            return [], []
+        with _eval_mode(self.model), torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()  # (T, V)
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row t predicts token t + 1
+        picked = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+        return ids, [None, *picked]
 
 
 # ---------------------------------------------------------------------------
@@ -466,12 +515,12 @@ class _TokenQueue(BaseStreamer):
             yield item
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _hold_back(text: str, stop: Sequence[str]) -> str:
+def hold_back(text: str, stop: Sequence[str]) -> str:
     """The part of a growing answer safe to show now: not trailing whitespace (may be the
     answer's end), not a half-decoded character, not a possible start of a stop string."""
     text = text.rstrip()
