@@ -4,6 +4,7 @@
     python extract_faiss_data.py --max-chunks 20      # a quick look at the first 20 chunks
     python extract_faiss_data.py --no-augment --pairs-per-chunk 2 --batch-size 8
     python extract_faiss_data.py --restart            # throw away earlier results and start over
+    python extract_faiss_data.py --llm-server http://127.0.0.1:8000/v1   # generate on vLLM / llama-server / Ollama
 
 Reads encrypted_faiss_storage/ (with the app's key rules) and writes
 training_data/faiss_training_data.json and training_data/training_stats.json.
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline, the bundled SmolLM2-135M-Instruct is used, with a notice)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"prompts per generate call (default {d.batch_size}); lower it if memory runs out")
+    g.add_argument("--llm-server", default=None, metavar="URL",
+                   help="OpenAI-compatible server that writes the text instead of this process, e.g. "
+                        "http://127.0.0.1:8000/v1 (vllm serve, llama-server, Ollama, main.py serve); requests go "
+                        "concurrently so the server batches them (default $MEMCHAT_LLM_SERVER; key in $MEMCHAT_LLM_API_KEY)")
+    g.add_argument("--llm-model", default=None, help="model name on that server (default: the first it lists)")
 
     g = p.add_argument_group("what to generate")
     g.add_argument("--pairs-per-chunk", type=int, default=d.max_pairs_per_chunk, metavar="N",
@@ -82,8 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{'restart' if args.restart else 'resume'}",
         flush=True,
     )
-    extractor = FAISSDataExtractor(extract_config=cfg, output_dir=args.output_dir, progress=not args.quiet,
-                                   notify=lambda line: print(line, file=sys.stderr, flush=True))
+    from memchat.llm_client import LLMServerClient, server_url
+
+    generator = None  # in-process, loaded by the extractor only if some chunk needs generating
+    if server_url(args.llm_server):
+        try:
+            generator = LLMServerClient(args.llm_server, args.llm_model, fallback_model=cfg.model_name)
+        except MemChatError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"generation: {generator.resolved.display_name}, up to {generator.cfg.concurrency} requests at once",
+              flush=True)
+    extractor = FAISSDataExtractor(extract_config=cfg, generator=generator, output_dir=args.output_dir,
+                                   progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         path = extractor.create_training_dataset(restart=args.restart)
     except MemChatError as exc:

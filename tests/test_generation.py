@@ -166,6 +166,21 @@ def test_loglikelihood_prefers_the_greedy_token_and_batches(generator):
     assert scores[0] == pytest.approx(generator.loglikelihood(context, best), abs=1e-4)
 
 
+@pytest.mark.parametrize("model", ["tiny_qwen_dir", "tiny_gpt2_dir"])
+def test_prompt_logprobs_sum_to_loglikelihood(model, request):
+    """The server side of prompt_logprobs: the tail after the context is the continuation's score."""
+    gen = Generator(str(request.getfixturevalue(model)))
+    context = conversation(QUESTIONS[0], system="Answer briefly.")
+    for continuation in ("Paris", " Paris is the capital"):
+        ids, logprobs = gen.prompt_logprobs(context + [{"role": "assistant", "content": continuation}],
+                                            continue_final_message=True)
+        context_ids, _ = gen.prompt_logprobs(context)
+        assert logprobs[0] is None and len(ids) == len(logprobs) and ids[: len(context_ids)] == context_ids
+        assert sum(logprobs[len(context_ids):]) == pytest.approx(gen.loglikelihood(context, continuation), abs=1e-4)
+    with pytest.raises(ValueError, match="assistant"):
+        gen.prompt_logprobs(context, continue_final_message=True)
+
+
 def test_sampling_and_stats(tiny_qwen_dir):
     gen = Generator(str(tiny_qwen_dir))
     torch.manual_seed(0)
