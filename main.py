@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = sub.add_parser("add", help="add or update PDFs")
     add.add_argument("files", nargs="+", help="PDF files")
-    add.add_argument("--password", action="append", default=[], metavar="NAME=PASSWORD",
-                     help="password of an encrypted PDF (repeatable)")
+    add.add_argument("--password", action="append", default=[], metavar="NAME",
+                     help="prompt for the password of the encrypted PDF NAME (repeatable). Without a prompt: "
+                          "MEMCHAT_PDF_PASSWORD is tried on every encrypted PDF. NAME=PASSWORD still works but puts "
+                          "the password in argv (ps, /proc, shell history)")
     g = add.add_argument_group("chunking and embedding")
     g.add_argument("--chunk-size", type=int, default=ChunkConfig.chunk_size, help="characters per chunk")
     g.add_argument("--chunk-overlap", type=int, default=ChunkConfig.chunk_overlap, help="characters of overlap")
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedding runtime for a new store (an existing store keeps its own)")
 
     sub.add_parser("list", help="list documents (loads no model)")
+
+    sub.add_parser("rekey", help="re-encrypt the store under a new key or passphrase (loads no model)",
+                   description="The current secret comes as for every command (key.key, MEMCHAT_KEY or "
+                               "MEMCHAT_PASSPHRASE); the new one from MEMCHAT_NEW_PASSPHRASE or MEMCHAT_NEW_KEY, "
+                               "else a prompt; with neither and no terminal, a fresh random key in key.key. "
+                               "One atomic commit: a kill leaves the old state or the new, and the old key stops "
+                               "opening the store.")
 
     rm = sub.add_parser("remove", help="remove a document (loads no model)")
     rm.add_argument("name", help="document name as shown by `list`")
@@ -101,7 +110,9 @@ def _kb(args):
 def cmd_add(args) -> int:
     from tqdm import tqdm
 
-    passwords = dict(p.split("=", 1) for p in args.password if "=" in p)
+    from memchat.names import escape_controls
+
+    passwords = pdf_passwords(args.files, args.password)
     kb = _kb(args)
     bar = tqdm(total=len(args.files), unit="file", desc="ingesting", file=sys.stderr)
 
@@ -112,9 +123,48 @@ def cmd_add(args) -> int:
 
     results = kb.add_documents(args.files, passwords=passwords, progress=progress)
     bar.close()
+    retry = _ask_missing_passwords(args.files, results, passwords)  # at a terminal only
+    if retry:
+        again = {r.name: r for r in kb.add_documents(retry, passwords=passwords)}
+        results = [again.get(r.name, r) for r in results]
     for r in results:
-        print(r.message, file=sys.stderr if r.status == "error" else sys.stdout)
+        print(escape_controls(r.message), file=sys.stderr if r.status == "error" else sys.stdout)
     return 1 if any(r.status == "error" for r in results) else 0
+
+
+def pdf_passwords(files: list[str], flags: list[str]) -> dict[str, str]:
+    """PDF passwords by file name: prompted for ``--password NAME``, else MEMCHAT_PDF_PASSWORD for every file."""
+    import getpass
+    from pathlib import Path
+
+    default = os.environ.get("MEMCHAT_PDF_PASSWORD")
+    passwords = {Path(f).name: default for f in files} if default else {}
+    in_argv = [f for f in flags if "=" in f]
+    if in_argv:
+        print("Warning: --password NAME=PASSWORD leaves the password in ps, /proc/*/cmdline and your shell history; "
+              "use --password NAME (prompts) or MEMCHAT_PDF_PASSWORD instead.", file=sys.stderr)
+    for flag in flags:
+        name, sep, password = flag.partition("=")
+        passwords[Path(name).name] = password if sep else getpass.getpass(f"Password for {name}: ")
+    return passwords
+
+
+def _ask_missing_passwords(files: list[str], results, passwords: dict[str, str]) -> list[str]:
+    """At a terminal, prompt once for each PDF that failed for want of a password; the files to retry."""
+    import getpass
+    from pathlib import Path
+
+    if not sys.stdin.isatty():
+        return []
+    locked = {r.name for r in results if r.status == "error" and "password-protected;" in (r.error or "")}
+    retry = []
+    for f in files:
+        name = Path(f).name
+        if name in locked and name not in passwords:
+            passwords[name] = getpass.getpass(f"{name} is password-protected. Password (empty to skip): ")
+            if passwords[name]:
+                retry.append(f)
+    return retry
 
 
 def cmd_list(args) -> int:
@@ -122,23 +172,67 @@ def cmd_list(args) -> int:
 
     from memchat.knowledge import KnowledgeBase
 
-    docs = KnowledgeBase().documents()
+    from memchat.names import escape_controls
+
+    kb = KnowledgeBase()
+    docs = kb.documents()
+    warning = kb.store.key_beside_data_warning()
+    if warning:
+        print(f"Warning: {warning}", file=sys.stderr)
     if not docs:
         print("No documents yet. Add some: python main.py add FILE.pdf")
         return 0
-    width = max(len(d["name"]) for d in docs)
+    names = [escape_controls(d["name"]) for d in docs]  # a newline or ANSI escape in an old name prints as \n, \x1b
+    width = max(len(n) for n in names)
     print(f"{'document':<{width}}  version  pages  chunks  added")
-    for d in docs:
+    for name, d in zip(names, docs):
         added = datetime.fromtimestamp(d["added"]).strftime("%Y-%m-%d %H:%M")
-        print(f"{d['name']:<{width}}  {d['version']:>7}  {d['pages']:>5}  {d['chunks']:>6}  {added}")
+        print(f"{name:<{width}}  {d['version']:>7}  {d['pages']:>5}  {d['chunks']:>6}  {added}")
     return 0
 
 
 def cmd_remove(args) -> int:
     from memchat.knowledge import KnowledgeBase
 
-    rec = KnowledgeBase().remove(args.name)
-    print(f"Removed {rec['name']} (version {rec['version']}, {rec['chunks']} chunks).")
+    from memchat.names import escape_controls
+
+    kb = KnowledgeBase()
+    name = args.name
+    shown = {escape_controls(d["name"]): d["name"] for d in kb.documents()}
+    if name not in shown.values() and name in shown:  # the escaped form, as `list` shows it
+        name = shown[name]
+    rec = kb.remove(name)
+    print(f"Removed {escape_controls(rec['name'])} (version {rec['version']}, {rec['chunks']} chunks).")
+    return 0
+
+
+def cmd_rekey(args) -> int:
+    import getpass
+
+    from memchat.crypto import PASSPHRASE_ENV, KEY_ENV, key_source, new_secret, new_secret_from_env
+    from memchat.errors import MemChatError
+    from memchat.store import EncryptedStore
+
+    store = EncryptedStore()
+    store.read()  # the current key must open it (NoStoreError, WrongKeyError) before anything is asked
+    old_source = key_source()
+    secret = new_secret_from_env()
+    if secret is None and sys.stdin.isatty():
+        passphrase = getpass.getpass("New passphrase (empty: a fresh random key in key.key): ")
+        if passphrase and getpass.getpass("Again: ") != passphrase:
+            raise MemChatError("The two passphrases differ; nothing was changed.")
+        secret = new_secret(passphrase=passphrase) if passphrase else new_secret()
+    elif secret is None:
+        secret = new_secret()
+    state = store.rekey(secret)
+    docs = len(state.versions.get("documents", {}))
+    print(f"Re-encrypted {store.dir}/ ({docs} documents) under {secret.description}; the old key no longer opens it.")
+    if secret.cipher.source == "passphrase":
+        print(f"From now on set {PASSPHRASE_ENV} to the new passphrase (key.key, if any, was deleted).")
+    elif secret.cipher.source == "env-key":
+        print(f"From now on set {KEY_ENV} to the new key (key.key, if any, was deleted).")
+    if old_source in ("passphrase", "env-key") and secret.cipher.source == "key-file":
+        print(f"Unset {PASSPHRASE_ENV if old_source == 'passphrase' else KEY_ENV}: the key is now {store.dir}/key.key.")
     return 0
 
 
@@ -191,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in (None, "app"):
         return run(launch_app, getattr(args, "host", AppConfig.host), getattr(args, "port", AppConfig.rag_port))
-    handler = {"add": cmd_add, "list": cmd_list, "remove": cmd_remove, "ask": cmd_ask, "serve": cmd_serve}[args.command]
+    handler = {"add": cmd_add, "list": cmd_list, "remove": cmd_remove, "ask": cmd_ask, "serve": cmd_serve, "rekey": cmd_rekey}[args.command]
     return run(handler, args)
 
 

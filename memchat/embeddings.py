@@ -186,6 +186,7 @@ class Embedder:
     def _load_onnx(self, quantized: bool) -> None:
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # no usage events (Windows ETW) about what we embed
         layout = _onnx_layout(self._model_dir)  # raises OnnxExportError for pipelines we cannot mirror
         self._pooling = layout["pooling"]
         self.dim = layout["dim"]

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 from . import config
 from .config import ChunkConfig, EmbeddingConfig, IndexConfig
 from .errors import BadDocumentError, EmbeddingMismatchError, MemChatError, NoStoreError, StoreError
+from .names import clean_name
 from .store import EncryptedStore, StoreState
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class KnowledgeBase:
                     if progress:
                         progress(name, 1.0, "failed")
                     continue
-            name = Path(name).name  # never trust a directory part from an upload
+            name = clean_name(Path(name).name)  # never trust a directory part or control characters from an upload
             if known.get(name) == _doc_hash(data):
                 results.append(AddResult(name, "unchanged"))
                 if progress:

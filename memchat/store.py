@@ -16,6 +16,14 @@ A process killed during 1 leaves a ``.staging-*`` folder that is deleted; killed
 during 3, the next open rolls the ``.commit-*`` folder forward. Either way the
 previous or the new state loads, whole.
 
+A key change (``rekey``) is the same commit with the new key files (``key.key`` or
+``kdf.json``) in the staging folder beside the re-encrypted three, and a list of
+the old key files to delete (``.delete``): data and key move together, so a kill
+at any moment leaves the old state with the old key or the new with the new.
+
+Everything here is owner-only (``fsperm``): the folder 0700, the files 0600,
+tightened when found looser.
+
 Deliberately left out: what the state means (``knowledge.py``) and which key
 opens it (``crypto.py``).
 """
@@ -34,8 +42,8 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from . import config
-from .crypto import Cipher, InvalidToken, load_or_create_cipher
+from . import config, fsperm
+from .crypto import KDF_FILENAME, Cipher, InvalidToken, NewSecret, load_or_create_cipher
 from .errors import NoStoreError, StoreError, WrongKeyError
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,8 @@ FILES = {  # kind -> file name
     "metadata": config.METADATA_FILENAME,
     "versions": config.VERSIONS_FILENAME,
 }
+KEY_FILES = (config.KEY_FILENAME, KDF_FILENAME)  # key material that may travel in a commit
+DELETE_LIST = ".delete"  # in a commit folder: JSON list of key files the commit removes
 LOCK_TIMEOUT_S = 120.0  # a commit holds the lock for seconds at most; waiting longer means a stuck peer
 
 
@@ -69,7 +79,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, fsperm.FILE_MODE)  # 0600 whatever the umask
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -79,6 +90,7 @@ class EncryptedStore:
     def __init__(self, directory: str | os.PathLike | None = None):
         self.dir = Path(directory) if directory is not None else config.storage_dir()
         self._cipher: Cipher | None = None
+        self._tightened = False  # modes checked once per object: a few stat calls
 
     # -- paths and key -----------------------------------------------------
     def path(self, kind: str) -> Path:
@@ -100,11 +112,26 @@ class EncryptedStore:
             self._cipher = load_or_create_cipher(self.dir, create=create)
         return self._cipher
 
+    def key_beside_data_warning(self) -> str | None:
+        """A one-line warning when key.key sits in the store folder (a copy of the folder is readable with it)."""
+        key = self.dir / config.KEY_FILENAME
+        if not key.exists():
+            return None
+        return (f"the key sits beside the data ({key}): anyone who copies {self.dir}/ can read it. "
+                "Move to a passphrase: MEMCHAT_NEW_PASSPHRASE=... python main.py rekey (or keep key.key elsewhere "
+                "and pass it as MEMCHAT_KEY).")
+
+    def _private(self) -> None:
+        fsperm.private_dir(self.dir)
+        if not self._tightened:
+            fsperm.tighten_tree(self.dir)  # a store made by an older version, or copied in under umask 022
+            self._tightened = True
+
     @contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         """Exclusive lock across processes (released by the OS if the holder dies)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.dir / ".lock"))
+        self._private()
+        lock = FileLock(str(self.dir / ".lock"), mode=fsperm.FILE_MODE)
         try:
             with lock.acquire(timeout=timeout):
                 yield
@@ -125,12 +152,25 @@ class EncryptedStore:
         commits = sorted(self.dir.glob(".commit-*"), key=lambda p: p.stat().st_mtime)
         for commit in commits:  # at most one in practice; oldest first if ever more
             log.warning("Completing an interrupted save (%s)", commit.name)
-            for name in FILES.values():
-                src = commit / name
-                if src.exists():
-                    os.replace(src, self.dir / name)
-            _fsync_dir(self.dir)
-            shutil.rmtree(commit, ignore_errors=True)
+            self._roll_forward(commit)
+
+    def _roll_forward(self, commit: Path) -> None:
+        """Move a decided commit's files into place, delete what it retires. Idempotent: safe to redo after a kill."""
+        for name in (*FILES.values(), *KEY_FILES):
+            src = commit / name
+            if src.exists():
+                os.replace(src, self.dir / name)
+        delete_list = commit / DELETE_LIST
+        if delete_list.exists():
+            try:
+                retired = json.loads(delete_list.read_text())
+            except json.JSONDecodeError:  # written and fsynced before the commit point; damaged means a bad disk
+                raise StoreError(f"{delete_list} is damaged: finish by hand (move the files in it up) or restore a backup.")
+            for name in retired:
+                if name in KEY_FILES:  # never anything else, whatever the file says
+                    (self.dir / name).unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+        shutil.rmtree(commit, ignore_errors=True)
 
     def _decode(self, kind: str, plaintext: bytes) -> tuple[dict, bytes]:
         name = FILES[kind]
@@ -199,8 +239,10 @@ class EncryptedStore:
     # -- writing -----------------------------------------------------------
     def commit(self, state: StoreState) -> str:
         """Atomically replace the three files with ``state``. Call with the lock held."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        cipher = self.cipher(create=True)
+        return self._commit(state, self.cipher(create=True))
+
+    def _commit(self, state: StoreState, cipher: Cipher, secret: NewSecret | None = None) -> str:
+        fsperm.private_dir(self.dir)
         gen = uuid.uuid4().hex
         bodies = {
             "index": state.index_bytes,
@@ -208,20 +250,33 @@ class EncryptedStore:
             "versions": json.dumps(state.versions, ensure_ascii=False, indent=1).encode(),
         }
         staging = self.dir / f".staging-{gen}"
-        staging.mkdir()
+        staging.mkdir(mode=fsperm.DIR_MODE)
         for kind, body in bodies.items():
             header = json.dumps({"kind": kind, "format_version": config.STORE_FORMAT_VERSION, "generation": gen})
             _write_synced(staging / FILES[kind], cipher.encrypt(MAGIC + header.encode() + b"\n" + body))
+        if secret is not None:  # a key change: the new key files travel with the data
+            for name, data in secret.write.items():
+                _write_synced(staging / name, data)
+            _write_synced(staging / DELETE_LIST, json.dumps(secret.delete).encode())
         _fsync_dir(staging)
         commit = self.dir / f".commit-{gen}"
         os.rename(staging, commit)  # the commit point
         _fsync_dir(self.dir)
-        for name in FILES.values():
-            os.replace(commit / name, self.dir / name)
-        _fsync_dir(self.dir)
-        commit.rmdir()
+        self._roll_forward(commit)
         state.generation = gen
         return gen
+
+    def rekey(self, secret: NewSecret) -> StoreState:
+        """Decrypt everything with the current key and commit it under ``secret``, atomically, under the lock.
+
+        Afterwards the old key opens nothing here (old backups of the files stay readable with it).
+        """
+        with self.lock():
+            self._recover()
+            state = self._read_unlocked()  # with the current key: NoStoreError / WrongKeyError as for any read
+            self._commit(state, secret.cipher, secret)
+            self._cipher = secret.cipher
+            return state
 
     @contextmanager
     def transaction(self) -> Iterator[StoreState | None]:
