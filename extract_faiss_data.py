@@ -7,9 +7,11 @@
     python extract_faiss_data.py --llm-server http://127.0.0.1:8000/v1   # generate on vLLM / llama-server / Ollama
 
 Reads encrypted_faiss_storage/ (with the app's key rules) and writes
-training_data/faiss_training_data.json and training_data/training_stats.json.
+training_data/faiss_training_data.json, training_stats.json, and train.jsonl /
+validation.jsonl (messages form) + documents.jsonl for other trainers.
 An interrupted run resumes where it stopped; after adding or changing PDFs only
-new or changed chunks are generated. training_data/ is NOT encrypted.
+new or changed chunks are generated. training_data/ is owner-only and, with --encrypt,
+encrypted with the store's key.
 
 Errors: one line on stderr, exit code 1.
 """
@@ -51,8 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"paraphrases per question with --augment (default {d.variations_per_question})")
     g.add_argument("--max-chunks", type=int, default=None, metavar="N",
                    help="use only the first N chunks of the knowledge base (a quick look, CI); default all")
-    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
-                   help=f"share of chunks held out for validation (default {d.validation_fraction})")
+    g.add_argument("--validation-families", type=int, default=d.validation_families_per_chunk, metavar="N",
+                   help="question families (a question + its paraphrases) held out for validation per chunk with two "
+                        f"or more; every chunk is still trained on (default {d.validation_families_per_chunk})")
+    g.add_argument("--no-documents", dest="documents", action="store_false", default=d.include_documents,
+                   help="leave out the chunks' own text (plain language-model examples)")
+    g.add_argument("--no-restatements", dest="restatements", action="store_false", default=d.include_restatements,
+                   help="leave out the wh/cloze/about/fact-list items made from the sentences")
+    g.add_argument("--spans-per-sentence", type=int, default=d.restatement_spans_per_sentence, metavar="N",
+                   help=f"answer spans asked about per sentence (default {d.restatement_spans_per_sentence})")
 
     g = p.add_argument_group("output and resuming")
     g.add_argument("--output-dir", default=None,
@@ -61,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true",
                       help="reuse finished chunks from an earlier or interrupted run (the default)")
     mode.add_argument("--restart", action="store_true", help="discard earlier results and generate everything again")
+    g.add_argument("--encrypt", action="store_true", default=d.encrypt,
+                   help="write training_data/ encrypted with the store's key (train_conversational.py reads it; "
+                        "other trainers cannot)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -78,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         augment=args.augment,
         variations_per_question=args.variations,
         batch_size=args.batch_size,
-        validation_fraction=args.validation_fraction,
+        validation_families_per_chunk=args.validation_families,
+        include_documents=args.documents,
+        include_restatements=args.restatements,
+        restatement_spans_per_sentence=args.spans_per_sentence,
+        encrypt=args.encrypt,
         max_chunks=args.max_chunks,
     )
     print(
         f"settings: model={cfg.model_name} pairs_per_chunk={cfg.max_pairs_per_chunk} augment={cfg.augment} "
         f"variations={cfg.variations_per_question if cfg.augment else 0} batch_size={cfg.batch_size} "
-        f"max_chunks={cfg.max_chunks or 'all'} validation_fraction={cfg.validation_fraction} "
+        f"max_chunks={cfg.max_chunks or 'all'} validation_families={cfg.validation_families_per_chunk} "
+        f"documents={cfg.include_documents} restatements={cfg.include_restatements} encrypt={cfg.encrypt} "
         f"{'restart' if args.restart else 'resume'}",
         flush=True,
     )
@@ -125,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['model_load_s']:.1f} s, model {r.stats['generation']['model']}"
         )
     print(f"wrote {path} and {r.stats_path}")
-    print("Note: training_data/ is not encrypted; it holds your documents' content in plain text.")
+    kinds = ", ".join(f"{k} {n}" for k, n in overall["records_by_kind"].items())
+    print(f"records by kind: {kinds}; validation families {overall['families_validation']}")
+    if not cfg.encrypt:
+        print("Note: training_data/ is not encrypted (owner-only files); it holds your documents' content in plain "
+              "text. --encrypt encrypts it with the store's key.")
     if r.records == 0:
         print(f"error: no question survived the filters (reasons in {r.stats_path}); "
               "try a larger --model, or more chunks", file=sys.stderr)

@@ -4,10 +4,16 @@
     python train_conversational.py --resume               # continue an interrupted run
     python train_conversational.py --epochs 5 --batch-size 2 --grad-accum 4
     python train_conversational.py --model Qwen/Qwen2.5-0.5B-Instruct --config my_settings.json
-    tensorboard --logdir ./finetuned_model/runs           # loss and learning-rate curves
+    python train_conversational.py --model Qwen/Qwen2.5-1.5B-Instruct --lora   # a 1.5B base on a 16 GB card
+    python train_conversational.py --no-mix-paraphrases --metric-for-best loss
+    python train_conversational.py --dataset my_pairs.jsonl   # your own {question, answer} / {instruction, output} / {messages}
+    accelerate launch --num_processes 2 train_conversational.py   # several GPUs (or --cpu processes)
+    tensorboard --logdir ./finetuned_model/runs           # loss, knowledge F1/contains, learning rate
 
-Reads training_data/faiss_training_data.json and writes finetuned_model/ (weights,
-tokenizer, memchat_model_meta.json) with TensorBoard logs in finetuned_model/runs.
+Reads training_data/faiss_training_data.json (or your own file) and writes finetuned_model/
+(weights, tokenizer, memchat_model_meta.json, README.md model card) with TensorBoard logs
+in finetuned_model/runs. Each epoch the held-out validation questions are answered; the
+epoch that answers them best is kept.
 Offline, when microsoft/DialoGPT-small cannot be loaded, the bundled SmolLM2-135M-Instruct
 is the base model (a notice says so). Settings: defaults < --config FILE.json < flags.
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 SCHEDULERS = ["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"]
@@ -45,8 +52,9 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memchat.config import TrainConfig
-    from memchat.training import PRECISIONS, RunOptions
+    from memchat.config import RunOptions, TrainConfig
+    from memchat.probe import METRICS
+    from memchat.training import PRECISIONS
 
     d, o = TrainConfig(), RunOptions()
     p = argparse.ArgumentParser(
@@ -61,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", metavar="FILE.json", help="JSON object of settings (TrainConfig / RunOptions field names)")
     g.add_argument("--max-length", type=_positive_int, metavar="N",
                    help=f"tokens of question + answer; longer answers are cut (default: {d.max_length})")
+
+    g = p.add_argument_group("training mix (each part on by default)")
+    for part, what in (("documents", "the chunks' own text, loss on every token"),
+                       ("qa", "the generated questions and answers"),
+                       ("paraphrases", "the paraphrased questions"),
+                       ("restatements", "wh / cloze / about / fact-list items made from the sentences")):
+        g.add_argument(f"--mix-{part}", dest=f"mix_{part}", action=argparse.BooleanOptionalAction, default=None,
+                       help=what)
+
+    g = p.add_argument_group("LoRA (PEFT)")
+    g.add_argument("--lora", action="store_true", default=None,
+                   help="train a LoRA adapter instead of all weights (merged into the saved model)")
+    g.add_argument("--lora-r", type=_positive_int, metavar="R", help=f"adapter rank (default: {d.lora_r})")
+    g.add_argument("--lora-alpha", type=_positive_int, metavar="A", help=f"adapter scaling (default: {d.lora_alpha})")
+    g.add_argument("--lora-targets", metavar="NAMES",
+                   help=f"comma-separated module names, or all-linear (default: {d.lora_target_modules})")
 
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=_positive_float, metavar="N", help=f"passes over the data (default: {d.num_train_epochs:g})")
@@ -85,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model: faster GPU steps after about a minute of compiling")
 
     g = p.add_argument_group("validation and checkpoints")
+    g.add_argument("--metric-for-best", choices=METRICS,
+                   help="what picks the saved epoch and stops early: the validation questions' answers "
+                        f"(knowledge_f1, knowledge_contains) or the answer-token loss (default: {d.metric_for_best})")
+    g.add_argument("--knowledge-questions", type=int, metavar="N",
+                   help=f"validation questions answered each epoch, 0 = all (default: {d.knowledge_questions})")
     g.add_argument("--early-stopping", type=int, metavar="EPOCHS",
-                   help="stop after EPOCHS epochs without a better validation loss (default: off)")
+                   help=f"stop after EPOCHS epochs without a better --metric-for-best, 0 = off "
+                        f"(default: {d.early_stopping_patience})")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last checkpoint in finetuned_model/checkpoints")
     g.add_argument("--keep-checkpoints", action="store_true", default=None,
@@ -124,6 +154,16 @@ _FLAG_FIELDS = {
     "keep_checkpoints": "keep_checkpoints",
     "save_total_limit": "save_total_limit",
     "logging_steps": "logging_steps",
+    "mix_documents": "mix_documents",
+    "mix_qa": "mix_qa",
+    "mix_paraphrases": "mix_paraphrases",
+    "mix_restatements": "mix_restatements",
+    "lora": "lora",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_targets": "lora_target_modules",
+    "metric_for_best": "metric_for_best",
+    "knowledge_questions": "knowledge_questions",
 }
 
 
@@ -195,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging()
         trainer = ConversationalTrainer(**settings_from(args))
         lines = trainer.describe()  # checks the data first, then loads the model
-        print("settings:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # accelerate / torchrun: the main process prints
+            print("settings:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
         with logging_redirect_tqdm(loggers=[logging.getLogger("memchat")]):
             result = trainer.train()
     except MemChatError as exc:
@@ -206,9 +247,17 @@ def main(argv: list[str] | None = None) -> int:
               "python train_conversational.py --resume", file=sys.stderr)
         return 130
 
+    if int(os.environ.get("RANK", "0")) != 0:  # accelerate / torchrun: the main process reports
+        return 0
+    metric = trainer.config.metric_for_best
     if result.stopped_early:
-        print(f"stopped early after epoch {result.epochs:.0f}: the validation loss stopped improving")
-    best = f", best epoch {result.best_epoch:.0f}" if result.best_epoch else ""
+        print(f"stopped early after epoch {result.epochs:.0f}: validation {metric} stopped improving")
+    for row in result.knowledge:
+        print(f"epoch {row['epoch'] or 0:.0f}: eval loss {row['eval_loss']:.4f}"
+              + (f", knowledge F1 {row['knowledge_f1']:.1f}, contains {row['knowledge_contains']:.1f}%"
+                 if "knowledge_f1" in row else ""))
+    best = (f", best epoch {result.best_epoch:.0f} ({metric} {result.best_metric:.3g})"
+            if result.best_epoch and result.best_metric is not None else "")
     print(f"done: {result.global_step} steps in {result.runtime_s:.0f} s{best}; model in {result.output_dir}/")
     print(f"curves: tensorboard --logdir {result.output_dir}/runs")
     print("try it: python test_finetuned_model.py")

@@ -153,7 +153,16 @@ class ExtractConfig:
     max_new_tokens: int = 256  # cap for any one output; question lists get ~24 tokens per question below it
     answer_max_new_tokens: int = 96  # one or two sentences (~40 words); a longer answer is cut to whole sentences
     repetition_penalty: float = 1.1  # small models loop without it
-    validation_fraction: float = 0.1  # of chunks held out: no variation of a val question leaks
+    # Validation holds out question FAMILIES (a question with its paraphrases), never chunks:
+    # every chunk is trained on, and validation asks about facts the model was taught in
+    # other phrasings. This many families per chunk that has two or more.
+    validation_families_per_chunk: int = 1
+    # The training mix (each part also switchable at training time, TrainConfig.mix_*):
+    include_documents: bool = True  # (a) each chunk's text as a plain LM example: the model reads the documents
+    include_restatements: bool = True  # (d) wh/cloze/about/fact-list items from the sentences, no generator needed
+    restatement_spans_per_sentence: int = 2  # answer spans asked about per sentence (each gives a wh + a cloze item)
+    fact_lists: bool = True  # "List the facts about X" for names in two or more sentences of a chunk
+    encrypt: bool = False  # training_data/ as Fernet tokens with the store's key (opt-in: trainers elsewhere need plain)
     near_duplicate_threshold: float = 0.92  # cosine above which two questions count as one
     variation_duplicate_threshold: float = 0.97  # a paraphrase this close to its source or sibling adds nothing
     min_variation_cosine: float = 0.7  # a "paraphrase" further than this from its source asks something else
@@ -179,8 +188,77 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_length: int = 512  # tokens of question + answer
     gradient_checkpointing: bool = True  # trades ~30% compute for activation memory
-    early_stopping_patience: int = 0  # 0 = off; else epochs without val improvement
+    # Stop after this many evaluations without a better metric_for_best (0 = off). 4 of 15 epochs:
+    # small data overfits late, and the knowledge metric is noisy by a question or two.
+    early_stopping_patience: int = 4
     seed: int = 42
+    # The training mix: which kinds of the dataset are trained on (memchat.training_data).
+    mix_documents: bool = True  # (a) the chunks' own text, loss on every token
+    mix_qa: bool = True  # (b) generated questions, answer-only loss
+    mix_paraphrases: bool = True  # (c) their paraphrases
+    mix_restatements: bool = True  # (d) wh / cloze / about / fact-list items from the sentences
+    # What picks the saved epoch and stops early: "knowledge_f1" / "knowledge_contains" (the
+    # validation questions answered greedily each epoch, memchat.probe) or "loss" (answer-token loss).
+    # Knowledge by default: loss on held-out phrasings keeps falling after answers stop improving.
+    metric_for_best: str = "knowledge_f1"
+    knowledge_questions: int = 64  # validation questions asked each epoch (0 = all); ~1 s each on 2 cores
+    knowledge_max_new_tokens: int = 32  # short answers: gold answers are a few words
+    # LoRA (PEFT): a 1.5B base fits a 16 GB card. The saved folder holds the merged weights.
+    lora: bool = False
+    lora_r: int = 16  # rank: enough for a few thousand facts; the adapter is ~1% of a 1.5B model
+    lora_alpha: int = 32  # 2 x r, the common scaling
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"  # comma-separated names, or all-linear (QLoRA paper: all layers)
+
+
+@dataclass
+class RunOptions:
+    """How one training run behaves, beside the recipe in ``TrainConfig``."""
+
+    resume: bool = False  # continue from the last checkpoint in <output_dir>/checkpoints
+    keep_checkpoints: bool = False  # each holds optimizer state (~3x the weights); only a resume needs them
+    max_steps: int = -1  # > 0: stop after this many optimizer steps (quick trials); -1 = the epochs decide
+    logging_steps: int = 0  # 0 = auto: about 4 loss lines per epoch, at most one per optimizer step
+    save_total_limit: int = 2  # the best and the last epoch: enough to keep the best and to resume
+    precision: str = "auto"  # auto = memchat.device's choice (bf16, else fp16, on CUDA; fp32 elsewhere)
+    progress: bool = True  # a tqdm bar while training
+    # torch.compile the model: fewer, fused kernels. Small models at batch 4 spend most of a
+    # GPU step launching kernels, not computing; compiling costs about a minute up front.
+    compile: bool = False
+
+
+LLM_SERVER_ENV = "MEMCHAT_LLM_SERVER"  # base URL of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama)
+LLM_API_KEY_ENV = "MEMCHAT_LLM_API_KEY"  # its bearer key, if it wants one (never in a config object)
+API_KEY_ENV = "MEMCHAT_API_KEY"  # the key clients of `main.py serve` must send
+
+
+@dataclass
+class LLMServerConfig:
+    """Generation on an external OpenAI-compatible engine instead of in-process."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1; None = in-process transformers
+    model: str | None = None  # served model name; None = the first one the server lists
+    # Requests in flight at once. vLLM batches whatever is in flight (continuous batching), so
+    # more is faster up to its max_num_seqs (256); llama-server serves -np slots and queues the rest.
+    concurrency: int = 16
+    timeout_s: float = 600.0  # one request: a CPU llama-server writing 256 tokens of a 1.5B model takes minutes
+    retries: int = 2  # connection errors and 429/5xx retried this often (1 s, 2 s backoff), then a clear error
+
+
+@dataclass
+class ServeConfig:
+    """`python main.py serve`: the OpenAI-compatible API."""
+
+    host: str = "127.0.0.1"  # loopback: the documents are reachable from this machine only unless asked
+    port: int = 8000  # what vLLM, llama-server and most OpenAI-compatible servers use
+    # Non-streamed requests that arrive within batch_window_ms of each other share one batched
+    # generate call (up to max_batch): on CPU 4 prompts in one call cost ~1.5x one prompt, not 4x.
+    max_batch: int = 8
+    batch_window_ms: float = 15.0  # << one answer's seconds; long enough for concurrent requests to meet
+    max_upload_bytes: int = 50 * 1024 * 1024  # per upload request; a 300-page text PDF is a few MB
+    max_request_bytes: int = 1024 * 1024  # a chat request body; prompts past this are a mistake or an attack
+
+
 
 
 LLM_SERVER_ENV = "MEMCHAT_LLM_SERVER"  # base URL of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama)

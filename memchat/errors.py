@@ -45,3 +45,7 @@ class DatasetError(MemChatError):
 
 class LLMServerError(ModelUnavailableError):
     """The external OpenAI-compatible generation server is unreachable or refused a request."""
+
+
+class TrainingOutOfMemoryError(MemChatError):
+    """The accelerator ran out of memory during training."""

@@ -39,31 +39,16 @@ from typing import Callable
 
 import numpy as np
 
-from . import config, qa
+from . import config, formats, fsperm, qa, restatements
 from .config import ExtractConfig
 from .errors import MemChatError
+from .formats import PROGRESS_FILENAME, Progress
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FILENAME = "extract_progress.jsonl"
-PROGRESS_FORMAT = "memchat-extract-progress"
-DATASET_FORMAT = "memchat-training-data"
 MAX_PAIRS = 5  # the issue's ceiling: more questions per ~1000-char chunk repeat each other
 
 GroupHook = Callable[[int, list[dict]], None]  # (group number, chunk results) after each saved group
-
-
-# ---------------------------------------------------------------------------
-# Small file helpers
-# ---------------------------------------------------------------------------
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _now_iso() -> str:
@@ -72,65 +57,6 @@ def _now_iso() -> str:
 
 def _counter_dict(c: Counter | dict) -> dict:
     return {k: v for k, v in sorted(c.items()) if v}
-
-
-# ---------------------------------------------------------------------------
-# The progress file
-# ---------------------------------------------------------------------------
-class Progress:
-    """``extract_progress.jsonl``: finished chunk results, one JSON line each.
-
-    Line: {"hash", "key", "result"}. Lines with another settings key are ignored
-    (their chunks are regenerated); a torn last line from a killed run is dropped.
-    """
-
-    def __init__(self, path: Path, key: str):
-        self.path = path
-        self.key = key
-        self.results: dict[str, dict] = {}  # chunk hash -> result
-        self.stale = 0  # lines made with other settings
-        self.torn = 0
-
-    def load(self) -> "Progress":
-        if not self.path.exists():
-            return self
-        with open(self.path, "rb") as f:
-            for raw in f:
-                try:
-                    line = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    self.torn += 1
-                    continue
-                if not isinstance(line, dict) or "hash" not in line or "result" not in line:
-                    self.torn += 1
-                elif line.get("key") != self.key:
-                    self.stale += 1
-                else:
-                    self.results[line["hash"]] = line["result"]
-        return self
-
-    def rewrite(self, keep: set[str] | None = None) -> None:
-        """Rewrite atomically with only this key's lines (of ``keep`` hashes, when given)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for h, result in self.results.items():
-                if keep is None or h in keep:
-                    f.write(json.dumps({"hash": h, "key": self.key, "result": result}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        if keep is not None:
-            self.results = {h: r for h, r in self.results.items() if h in keep}
-
-    def append(self, items: list[tuple[str, dict]]) -> None:
-        """Add finished chunks durably (one write + fsync per group)."""
-        data = "".join(json.dumps({"hash": h, "key": self.key, "result": r}, ensure_ascii=False) + "\n" for h, r in items)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self.results.update(items)
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +233,8 @@ class FAISSDataExtractor:
             )
         selected = all_chunks[: self.cfg.max_chunks] if self.cfg.max_chunks else all_chunks
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fsperm.private_dir(self.output_dir)
+        self._codec = formats.codec(self.cfg.encrypt, self.kb.store.dir)
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(self.output_dir / ".extract.lock"))
@@ -330,17 +257,18 @@ class FAISSDataExtractor:
             raise MemChatError(f"batch_size must be at least 1, got {c.batch_size}.")
         if c.max_chunks is not None and c.max_chunks < 1:
             raise MemChatError(f"max_chunks must be at least 1, got {c.max_chunks}.")
-        if not 0 <= c.validation_fraction < 1:
-            raise MemChatError(f"validation_fraction must be in [0, 1), got {c.validation_fraction}.")
+        if c.validation_families_per_chunk < 0:
+            raise MemChatError(f"validation_families_per_chunk must be 0 or more, got {c.validation_families_per_chunk}.")
         if c.augment and c.variations_per_question < 1:
             raise MemChatError("variations_per_question must be at least 1 when augment is on.")
 
     def _run(self, state, all_chunks: list[dict], selected: list[dict], restart: bool, start: float) -> Path:
         model_id, display = self._model_id()
         settings = self._generation_settings(model_id)
-        progress = Progress(self.output_dir / PROGRESS_FILENAME, self._key(settings))
+        progress = Progress(self.output_dir / PROGRESS_FILENAME, self._key(settings), self._codec)
         if restart:
-            for name in (PROGRESS_FILENAME, config.DATASET_FILENAME, config.STATS_FILENAME):
+            for name in (PROGRESS_FILENAME, config.DATASET_FILENAME, config.STATS_FILENAME, formats.TRAIN_JSONL,
+                         formats.VALIDATION_JSONL, formats.DOCUMENTS_JSONL):
                 (self.output_dir / name).unlink(missing_ok=True)
         progress.load()
         if progress.stale:
@@ -381,19 +309,13 @@ class FAISSDataExtractor:
         if self.notices:
             stats["generation"]["notice"] = self.notices[0]
 
-        dataset = {
-            "format": DATASET_FORMAT,
-            "format_version": config.DATASET_FORMAT_VERSION,
-            "created": _now_iso(),
-            "generator_model": model_id,
-            "settings": {**dataclasses.asdict(self.cfg), **settings},
-            "lineage": self._lineage(state, selected),
-            "records": records,
-        }
+        dataset = formats.dataset_document(generator_model=model_id, settings={**dataclasses.asdict(self.cfg), **settings},
+                                           lineage=self._lineage(state, selected), records=records)
         dataset_path = self.output_dir / config.DATASET_FILENAME
         stats_path = self.output_dir / config.STATS_FILENAME
-        _write_json_atomic(dataset_path, dataset)
-        _write_json_atomic(stats_path, stats)
+        formats.write_json(dataset_path, dataset, self._codec)
+        formats.write_json(stats_path, stats, self._codec)
+        formats.write_exports(self.output_dir, records, self._codec)
         self.report = RunReport(dataset_path, stats_path, len(records), len(selected), len(pending), reused, stats)
         return dataset_path
 
@@ -691,28 +613,73 @@ class FAISSDataExtractor:
                     var_drop.add((f, v))
                     drops.setdefault(kept_families[f][0]["document"], Counter())["variation_near_duplicate"] += 1
 
-        splits = qa.assign_splits([c["hash"] for c, _, _ in kept_families], cfg.validation_fraction, cfg.seed)
+        splits = qa.assign_family_splits([(c["hash"], q["question"]) for c, _, q in kept_families],
+                                         cfg.validation_families_per_chunk, cfg.seed)
         records = []
+        for c in selected if cfg.include_documents else []:  # (a) the documents' own text
+            records.append({"id": f"d{c['id']}", "kind": formats.DOCUMENT_KIND, "text": qa.flatten(c["text"]),
+                            "split": "train", **_where(c)})
+        val_questions: list[str] = []
         for f, (c, i, q) in enumerate(kept_families):
             qid = f"q{c['id']}-{i}"
-            base = {
-                "split": splits[c["hash"]],
-                "document": c["document"],
-                "doc_version": c["version"],
-                "page_start": c["page_start"],
-                "page_end": c["page_end"],
-                "chunk_id": c["id"],
-                "chunk_hash": c["hash"],
-                "answer_source": q["answer_source"],
-            }
+            split = splits[f]
+            base = {"split": split, **_where(c), "answer_source": q["answer_source"], "family": qid}
             records.append({"id": f"r{c['id']}-{i}", "question": q["question"], "answer": q["answer"],
                             "kind": "original", "source_question_id": qid, **base})
+            if split == "validation":
+                val_questions.append(q["question"])
             for j, v in enumerate(q.get("variations", []), start=1):
                 if (f, v) in var_drop:
                     continue
                 records.append({"id": f"r{c['id']}-{i}-v{j}", "question": v, "answer": q["answer"],
                                 "kind": "variation", "source_question_id": qid, **base})
+                if split == "validation":
+                    val_questions.append(v)
+        if cfg.include_restatements:
+            records += self._restatements(selected, val_questions, drops)
         return records, self._stats(selected, results, records, drops, display)
+
+    def _restatements(self, selected: list[dict], val_questions: list[str], drops: dict[str, Counter]) -> list[dict]:
+        """(d): generator-free items from each chunk's sentences, all train.
+
+        The leakage rule holds for them too: an item whose question is (nearly) a validation
+        question is dropped, so validation stays a question the model never saw.
+        """
+        from .chunking import split_sentences
+
+        cfg = self.cfg
+        items: list[tuple[dict, int, restatements.Item]] = []
+        seen: set[str] = set()  # overlapping chunks repeat sentences: one item per question
+        for c in selected:
+            sentences = [s for s in (" ".join(x.split()) for x in split_sentences(qa.flatten(c["text"]))) if s]
+            made = restatements.restate(sentences, spans_per_sentence=cfg.restatement_spans_per_sentence,
+                                        fact_lists=cfg.fact_lists)
+            for n, it in enumerate(made):
+                key = qa.normalize(it.question)
+                if key in seen:
+                    continue
+                seen.add(key)
+                items.append((c, n, it))
+        if not items:
+            return []
+        val_keys = {qa.normalize(q) for q in val_questions}
+        leak = [qa.normalize(it.question) in val_keys for _, _, it in items]
+        if val_questions:
+            vq = self.embedder.encode(val_questions)
+            vi = self.embedder.encode([it.question for _, _, it in items])
+            close = (vi @ vq.T).max(axis=1) >= cfg.near_duplicate_threshold
+            leak = [a or bool(b) for a, b in zip(leak, close)]
+        out = []
+        for (c, n, it), bad in zip(items, leak):
+            if bad:
+                drops.setdefault(c["document"], Counter())["restatement_near_validation"] += 1
+                continue
+            rec = {"id": f"s{c['id']}-{n}", "question": it.question, "answer": it.answer, "kind": it.kind,
+                   "split": "train", **_where(c), "answer_source": "sentence"}
+            if it.answer_kind:
+                rec["answer_kind"] = it.answer_kind
+            out.append(rec)
+        return out
 
     def _stats(self, selected, results, records, drops, display) -> dict:
         per_doc: dict[str, dict] = {}
@@ -738,16 +705,23 @@ class FAISSDataExtractor:
                 d["dropped"][key].update(t.get("dropped", {}))
         for doc, reasons in drops.items():
             for reason, n in reasons.items():
-                key = "variations" if reason.startswith("variation_") else "questions"
+                key = ("variations" if reason.startswith("variation_") else
+                       "restatements" if reason.startswith("restatement_") else "questions")
                 per_doc[doc]["dropped"][key][reason] += n
         for rec in records:
             d = per_doc[rec["document"]]
             d["records"] += 1
             d["records_" + rec["split"]] += 1
+            d["records_by_kind"][rec["kind"]] += 1
+            if rec["split"] == "validation":
+                d["validation_by_kind"][rec["kind"]] += 1
             if rec["kind"] == "original":
                 d["questions_kept"] += 1
-            else:
+                d["families_" + rec["split"]] += 1
+            elif rec["kind"] == "variation":
                 d["variations_kept"] += 1
+            if rec.get("answer_kind"):
+                d["span_answers_by_kind"][rec["answer_kind"]] += 1
         overall = _empty_doc_stats(None)
         for d in per_doc.values():
             _add_into(overall, d)
@@ -755,8 +729,8 @@ class FAISSDataExtractor:
         overall = _finish_doc(overall)
         overall.pop("version", None)
         return {
-            "format": "memchat-training-stats",
-            "format_version": 1,
+            "format": formats.STATS_FORMAT,
+            "format_version": formats.STATS_FORMAT_VERSION,
             "created": _now_iso(),
             "overall": overall,
             "documents": out_docs,
@@ -765,7 +739,13 @@ class FAISSDataExtractor:
                 "answers.extractive": "answers repaired with the chunk sentence that best answers the question, "
                 "used where the model's answer was unusable or not grounded in the chunk",
                 "dropped": "by reason; questions: parsing problems and filters; answers_parse: why a model answer "
-                "was rejected before the extractive repair (the question is kept when the repair succeeds)",
+                "was rejected before the extractive repair (the question is kept when the repair succeeds); "
+                "restatements: items too close to a validation question (the leakage rule)",
+                "records_by_kind": "document = a chunk's text (LM loss on all tokens); original = generated question; "
+                "variation = its paraphrase; wh / cloze = a sentence's answer span asked for; about = a sentence "
+                "asked for by its topic; facts = the sentences about one name, as a list",
+                "split": "validation holds out question families (a question and its paraphrases) of chunks that "
+                "are also trained on; every chunk is in training",
             },
         }
 
@@ -805,6 +785,12 @@ class FAISSDataExtractor:
         }
 
 
+def _where(c: dict) -> dict:
+    """Where a record comes from (document, version, pages, chunk)."""
+    return {"document": c["document"], "doc_version": c["version"], "page_start": c["page_start"],
+            "page_end": c["page_end"], "chunk_id": c["id"], "chunk_hash": c["hash"]}
+
+
 def _tok_s(gen) -> float:
     stats = getattr(gen, "stats", None)
     return stats.tokens_per_s if stats is not None else 0.0
@@ -830,9 +816,14 @@ def _empty_doc_stats(version) -> dict:
         "records": 0,
         "records_train": 0,
         "records_validation": 0,
+        "families_train": 0,
+        "families_validation": 0,
+        "records_by_kind": Counter(),
+        "validation_by_kind": Counter(),
+        "span_answers_by_kind": Counter(),
         "answers": Counter(),
         "repaired": {k: Counter() for k in ("questions", "answers_parse", "variations")},
-        "dropped": {k: Counter() for k in ("questions", "answers_parse", "variations")},
+        "dropped": {k: Counter() for k in ("questions", "answers_parse", "variations", "restatements")},
         "generated_tokens": 0,
     }
 
@@ -863,21 +854,7 @@ def _finish_doc(d: dict) -> dict:
     return out
 
 
-def read_dataset(path: str | os.PathLike | None = None) -> dict:
-    """Load a dataset file written here, checking its format and version (MemChatError if wrong)."""
-    path = Path(path) if path is not None else config.training_dir() / config.DATASET_FILENAME
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MemChatError(f"No training data at {path}. Create it: python extract_faiss_data.py") from None
-    except json.JSONDecodeError as exc:
-        raise MemChatError(f"{path} is not valid JSON ({exc.msg}). Recreate it: python extract_faiss_data.py --restart") from None
-    if doc.get("format") != DATASET_FORMAT or doc.get("format_version") != config.DATASET_FORMAT_VERSION:
-        raise MemChatError(
-            f"{path} has format {doc.get('format')!r} version {doc.get('format_version')}; this Mem_Chat writes "
-            f"{DATASET_FORMAT!r} version {config.DATASET_FORMAT_VERSION}. Recreate it: python extract_faiss_data.py --restart"
-        )
-    return doc
+read_dataset = formats.read_dataset  # (kept for callers of the old name)
 
 
 __all__ = ["FAISSDataExtractor", "RunReport", "read_dataset", "PROGRESS_FILENAME"]

@@ -95,8 +95,7 @@ class GenerationEngine(Protocol):
     def loglikelihoods(self, requests: Sequence[tuple[Messages, str]], **kwargs) -> list[float]: ...
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+from .prompting import uses_chat_template as has_chat_template  # noqa: E402  (one definition: memchat.prompting)
 
 
 def format_chat(tokenizer, messages: Messages, add_generation_prompt: bool = True) -> str:

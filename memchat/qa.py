@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .text import STOPWORDS, WORD as _WORD, content_words, normalize  # noqa: F401  (qa.normalize, qa.content_words stay importable)
+
 # Bump when a prompt's wording, a parser or a per-chunk filter changes: cached chunk
 # results made by another version are regenerated instead of being mixed in.
 PIPELINE_VERSION = 1
@@ -119,37 +121,11 @@ class Tally:
 # ---------------------------------------------------------------------------
 # Text helpers
 # ---------------------------------------------------------------------------
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
-_STOP = frozenset(
-    """a an the of in on at to for from by with and or but nor is are was were be been being am what which who whom
-    whose when where why how did does do done that this these those it its as than then into about after before during
-    many much can could would should will shall may might must has have had having not no yes there their they them he
-    she his her him we our us you your i me my so such if also any some all each other one ones more most very just
-    only own same too both either neither s t text according question answer passage please write""".split()
-)
+_STOP = STOPWORDS  # one stop-word list for the query path and the training data (memchat.text)
 _INTERROGATIVE = frozenset(
     """what who whom whose which when where why how is are was were do does did can could should would will
     has have had in on at according name list describe explain""".split()
 )
-
-
-def normalize(text: str) -> str:
-    """Lower-case letters and digits only: the key for exact-duplicate checks."""
-    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
-
-
-def _stem(word: str) -> str:
-    # Just enough stemming for overlap checks: plates/plate, studies/study, crystallized/crystallize.
-    for suffix, repl in (("ies", "y"), ("sses", "ss"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
-        if len(word) > len(suffix) + 3 and word.endswith(suffix):
-            return word[: -len(suffix)] + repl
-    return word
-
-
-def content_words(text: str) -> set[str]:
-    """Stemmed words that carry meaning (no stop words, no single letters)."""
-    words = _WORD.findall(unicodedata.normalize("NFKC", text).lower())
-    return {_stem(w) for w in words if w not in _STOP and (len(w) > 1 or w.isdigit())}
 
 
 def support(text: str, source_words: set[str]) -> float:
@@ -604,3 +580,26 @@ def assign_splits(chunk_hashes: list[str], fraction: float, seed: int) -> dict[s
         if "train" not in splits.values():
             splits[ranked[-1]] = "train"
     return splits
+
+
+def assign_family_splits(families: list[tuple[str, str]], per_chunk: int, seed: int) -> list[str]:
+    """For each (chunk hash, question) family: "train" or "validation".
+
+    Every chunk stays in training (its text and restatements are trained on); what is
+    held out is whole question families: in each chunk with two or more families, the
+    ``per_chunk`` with the lowest hash of (seed, chunk, normalised question) go to
+    validation, at most all but one. The hash depends only on the chunk's content and
+    the question, so the split is the same on every run and an incremental extraction
+    (new chunks, same old ones) leaves the old families where they were.
+    """
+    by_chunk: dict[str, list[int]] = {}
+    for i, (h, _) in enumerate(families):
+        by_chunk.setdefault(h, []).append(i)
+    out = ["train"] * len(families)
+    for h, idx in by_chunk.items():
+        if len(idx) < 2 or per_chunk <= 0:
+            continue
+        ranked = sorted(idx, key=lambda i: (split_score(f"{h}:{normalize(families[i][1])}", seed), i))
+        for i in ranked[: min(per_chunk, len(idx) - 1)]:
+            out[i] = "validation"
+    return out

@@ -1,41 +1,45 @@
-"""Fine-tuning a conversational model on the question/answer pairs Mem_Chat extracted.
+"""The trainer: fine-tuning a conversational model on the extracted data, on TRL's ``SFTTrainer``.
 
-In order, this module:
+In order, ``ConversationalTrainer``:
 
-1. reads and checks ``training_data/faiss_training_data.json`` (format, version, records);
-2. turns each pair into token ids with the loss on the answer only. A model without a chat
-   template (DialoGPT) sees ``question<eos>answer<eos>``; a model with one sees its own
-   template (user = question, assistant = answer), and everything up to the assistant's
-   content is masked. ``prompt_ids`` gives the exact prompt a fine-tuned model expects;
-3. pads each batch only to its own longest example and groups batches by length, so almost
-   no compute goes to padding (``bench/train.py`` measures this against naive padding);
-4. runs the Hugging Face ``Trainer`` with the recipe in ``memchat.config.TrainConfig``:
-   evaluation on the file's validation split every epoch, the best epoch kept, optional
-   early stopping, ``resume`` from the last checkpoint, TensorBoard logs;
-5. writes ``finetuned_model/``.
+1. reads the data (``memchat.training_data``: Mem_Chat's dataset or a user's own file) and
+   keeps the parts of the training mix switched on (documents, QA, paraphrases, restatements);
+2. encodes them once (``memchat.prompting``): a model with a chat template sees its own
+   template, DialoGPT sees ``question<eos>answer<eos>``; the loss is on the answer only,
+   and on every token of a document. The dataset reaches ``SFTTrainer`` tokenized, with
+   its labels, so TRL neither re-tokenizes nor re-masks it: the ids are ours, the same
+   that inference feeds. TRL pads each batch to its own longest example, computes the
+   loss only where a label is, and batches are grouped by length;
+3. each epoch evaluates the answer-token loss on the validation families AND asks their
+   questions greedily (``memchat.probe``): ``knowledge_f1`` / ``knowledge_contains``, logged
+   to TensorBoard next to the loss. The best epoch (by ``metric_for_best``, knowledge by
+   default) is kept, and early stopping watches the same metric;
+4. with ``lora`` trains a PEFT LoRA adapter instead of all weights, and merges it at the end;
+5. writes ``finetuned_model/``: weights, tokenizer (a template-less one gets a chat template
+   that reproduces its training format), ``memchat_model_meta.json`` (mix, curve, chosen
+   epoch) and a model card ``README.md``; every file owner-only (``memchat.fsperm``).
 
 Layout of the output folder::
 
     finetuned_model/
-      config.json  model.safetensors  generation_config.json  tokenizer files
-      memchat_model_meta.json   base model, dataset hash and counts, settings, losses, lineage
-      runs/<time>_<host>/       TensorBoard: train/loss, train/learning_rate, eval/loss
+      config.json  model.safetensors  generation_config.json  tokenizer files  README.md
+      memchat_model_meta.json   base model, data and mix, settings, losses, knowledge curve, lineage
+      runs/<time>_<host>/       TensorBoard: train/loss, eval/loss, eval/knowledge_f1, eval/knowledge_contains
       checkpoints/              while training: one per epoch (the best and the last kept)
                                 and memchat_run.json; removed after a run that finishes,
                                 unless keep_checkpoints, since only a resume needs them
-                                (each holds the optimizer state, ~3x the weights)
 
-Deliberately left out: choosing the device and precision (``memchat.device``), finding and
-loading the base model (``memchat.models``), printing (scripts print; this module logs to
-``memchat.training``), packing several pairs into one sequence (length grouping already
-leaves little padding on this data, and packing needs per-example attention masks to stay
-correct), LoRA, and multi-GPU training.
+Accelerate / torchrun launch the same script on several processes (``accelerate launch
+--num_processes 2 train_conversational.py``): the Trainer shards the batches; every
+process probes, the main one writes. Deliberately left out: choosing the device and
+precision (``memchat.device``), finding and loading the base model (``memchat.models``),
+printing (scripts print; this module logs to ``memchat.training``), packing several
+examples into one sequence, and quantised (QLoRA) bases.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -45,326 +49,46 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from memchat import __version__
+from memchat import __version__, formats, fsperm
 from memchat.config import (
     DATASET_FILENAME,
-    DATASET_FORMAT_VERSION,
     FINETUNED_META_FILENAME,
+    RunOptions,
     TrainConfig,
     finetuned_dir,
     training_dir,
 )
-from memchat.errors import DatasetError, MemChatError
+from memchat.errors import DatasetError, MemChatError, TrainingOutOfMemoryError
+from memchat.formats import MODEL_META_FORMAT, MODEL_META_VERSION, read_model_meta  # noqa: F401  (re-exported)
+from memchat.probe import METRICS, KnowledgeProbe
+from memchat.prompting import encode_pairs, prompt_format, prompt_ids, uses_chat_template  # noqa: F401  (re-exported)
+from memchat.training_data import (  # noqa: F401  (re-exported: the old names of this module)
+    IGNORE_INDEX,
+    AnswerOnlyCollator,
+    EncodedSplit,
+    TrainingData,
+    build_dataset,
+    load_training_data,
+)
 
 logger = logging.getLogger(__name__)
 
-DATASET_FORMAT = "memchat-training-data"  # the "format" field extract_faiss_data.py writes
-MODEL_META_FORMAT = "memchat-finetuned-model"  # the "format" field of memchat_model_meta.json
-MODEL_META_VERSION = 1
 CHECKPOINTS_DIRNAME = "checkpoints"
 RUNS_DIRNAME = "runs"
 RUN_STATE_FILENAME = "memchat_run.json"  # beside the checkpoints: what a resume must match
-IGNORE_INDEX = -100  # label value the loss skips (torch's cross_entropy ignore_index)
 
-EXTRACT_HINT = "Make it with: python extract_faiss_data.py"
-REMAKE_HINT = "Make it again: python extract_faiss_data.py --restart"
 OOM_HINT = (
     "Lower the memory use as the guide suggests: "
-    "python train_conversational.py --batch-size 2 --grad-accum 4 --gradient-checkpointing"
+    "python train_conversational.py --batch-size 2 --grad-accum 4 --gradient-checkpointing (or --lora)"
 )
-
-
-class TrainingOutOfMemoryError(MemChatError):
-    """The accelerator ran out of memory during training."""
-
-
-# ---------------------------------------------------------------------------
-# Options of one run (the recipe itself is TrainConfig)
-# ---------------------------------------------------------------------------
-@dataclass
-class RunOptions:
-    """How one run behaves, beside the recipe in ``TrainConfig``."""
-
-    resume: bool = False  # continue from the last checkpoint in <output_dir>/checkpoints
-    keep_checkpoints: bool = False  # each holds optimizer state (~3x the weights); only a resume needs them
-    max_steps: int = -1  # > 0: stop after this many optimizer steps (quick trials); -1 = the epochs decide
-    logging_steps: int = 0  # 0 = auto: about 4 loss lines per epoch, at most one per optimizer step
-    save_total_limit: int = 2  # the best and the last epoch: enough to keep the best and to resume
-    precision: str = "auto"  # auto = memchat.device's choice (bf16, else fp16, on CUDA; fp32 elsewhere)
-    progress: bool = True  # a tqdm bar while training
-    # torch.compile the model: fewer, fused kernels. Small models at batch 4 spend most of a
-    # GPU step launching kernels, not computing; compiling costs about a minute up front.
-    compile: bool = False
-
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-# ---------------------------------------------------------------------------
-# The data file
-# ---------------------------------------------------------------------------
-@dataclass
-class TrainingData:
-    """The checked contents of faiss_training_data.json."""
-
-    path: Path
-    sha256: str  # of the file's bytes: the fine-tuned model records which data it saw
-    train: list[dict]
-    validation: list[dict]
-    lineage: dict  # {"documents": [{"name", "version", "sha256"}], "store_generation": ...}
-    generator_model: str | None = None
-    created: str | None = None
-
-    @property
-    def counts(self) -> dict:
-        return {
-            "train": len(self.train),
-            "validation": len(self.validation),
-            "total": len(self.train) + len(self.validation),
-        }
-
-
-def load_training_data(path: str | Path) -> TrainingData:
-    """Read and check the training data file; every problem is one ``DatasetError`` line."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DATASET_FILENAME
-    if not path.exists():
-        raise DatasetError(f"No training data at {path}. {EXTRACT_HINT}")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DatasetError(f"{path} is empty. {REMAKE_HINT}")
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(
-            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}). {REMAKE_HINT}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path} is not UTF-8 text. {REMAKE_HINT}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != DATASET_FORMAT:
-        raise DatasetError(
-            f'{path} is not Mem_Chat training data (no "format": "{DATASET_FORMAT}"). {REMAKE_HINT}'
-        )
-    version = doc.get("format_version")
-    if version != DATASET_FORMAT_VERSION:
-        raise DatasetError(
-            f"{path} has format version {version}; this Mem_Chat reads version {DATASET_FORMAT_VERSION}. "
-            f"{REMAKE_HINT}"
-        )
-    records = doc.get("records")
-    if not isinstance(records, list):
-        raise DatasetError(f'{path} has no "records" list. {REMAKE_HINT}')
-    if not records:
-        raise DatasetError(f"{path} holds no question/answer records. Add PDFs, then: python extract_faiss_data.py")
-
-    train: list[dict] = []
-    validation: list[dict] = []
-    for number, record in enumerate(records, start=1):
-        where = f"{path}: record {number}"
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where} is not a JSON object. {REMAKE_HINT}")
-        if record.get("id") is not None:
-            where += f" (id {record['id']!r})"
-        for key in ("question", "answer"):
-            value = record.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise DatasetError(f"{where} has no {key}. {REMAKE_HINT}")
-        split = record.get("split", "train")
-        if split == "train":
-            train.append(record)
-        elif split == "validation":
-            validation.append(record)
-        else:
-            raise DatasetError(f'{where} has split {split!r}; expected "train" or "validation". {REMAKE_HINT}')
-    if not train:
-        raise DatasetError(
-            f"{path} has no training records (all {len(validation)} are validation). "
-            "Add documents, then: python extract_faiss_data.py"
-        )
-    lineage = doc.get("lineage") if isinstance(doc.get("lineage"), dict) else {}
-    return TrainingData(
-        path=path,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        train=train,
-        validation=validation,
-        lineage=lineage,
-        generator_model=doc.get("generator_model"),
-        created=doc.get("created"),
-    )
-
-
-# ---------------------------------------------------------------------------
-# Prompt format and loss masking
-# ---------------------------------------------------------------------------
-def uses_chat_template(tokenizer) -> bool:
-    """True when the model has a chat template; else the DialoGPT format question<eos>answer<eos>."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def prompt_format(tokenizer) -> str:
-    return "chat_template" if uses_chat_template(tokenizer) else "eos_separated"
-
-
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise MemChatError(
-            "This tokenizer has neither a chat template nor an end-of-sequence token, so question and "
-            "answer cannot be told apart. Choose another base model (--model)."
-        )
-    return int(tokenizer.eos_token_id)
-
-
-def _chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-
-
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """Token ids a model fine-tuned here expects before it writes the answer.
-
-    Inference must feed exactly these (then generate until eos / end of turn): the model
-    was trained on ``prompt_ids + answer_ids``.
-    """
-    question = question.strip()
-    if uses_chat_template(tokenizer):
-        return list(tokenizer(_chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"])
-    return list(tokenizer(question, add_special_tokens=False)["input_ids"]) + [_eos_id(tokenizer)]
-
-
-def encode_pairs(tokenizer, questions: Sequence[str], answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) per pair; the model sees both, the loss covers the answer ids only.
-
-    The two halves are tokenized apart, so the prompt's ids are exactly ``prompt_ids(question)``:
-    what the model is trained to continue is what it is given at inference.
-    """
-    questions = [q.strip() for q in questions]
-    answers = [a.strip() for a in answers]
-    if uses_chat_template(tokenizer):
-        prompts, completions = [], []
-        for question, answer in zip(questions, answers):
-            prompt = _chat_prompt(tokenizer, question)
-            full = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                tokenize=False,
-            )
-            if not full.startswith(prompt):
-                raise MemChatError(
-                    "This model's chat template writes the answer turn differently from the prompt it "
-                    "generates from, so the answer cannot be masked reliably. Choose another base model (--model)."
-                )
-            prompts.append(prompt)
-            # The answer plus the template's end-of-turn marker (the model learns to stop);
-            # trailing whitespace after the marker teaches nothing.
-            completions.append(full[len(prompt) :].rstrip())
-        prompt_tok = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        answer_tok = tokenizer(completions, add_special_tokens=False)["input_ids"]
-        return [(list(p), list(a)) for p, a in zip(prompt_tok, answer_tok)]
-    eos = _eos_id(tokenizer)
-    prompt_tok = tokenizer(questions, add_special_tokens=False)["input_ids"]
-    answer_tok = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    return [(list(p) + [eos], list(a) + [eos]) for p, a in zip(prompt_tok, answer_tok)]
-
-
-@dataclass
-class EncodedSplit:
-    """One split ready for the Trainer, with what encoding it cost."""
-
-    dataset: Any  # datasets.Dataset: input_ids, labels, length (tokens)
-    records: int
-    truncated: int = 0  # answer cut to fit max_length
-    skipped: int = 0  # the prompt alone filled max_length: nothing left to learn
-    tokens: int = 0  # non-padding tokens
-    answer_tokens: int = 0  # tokens that carry a label
-
-    def summary(self) -> dict:
-        return {
-            "records": self.records,
-            "examples": len(self.dataset),
-            "truncated": self.truncated,
-            "skipped": self.skipped,
-            "tokens": self.tokens,
-            "answer_tokens": self.answer_tokens,
-        }
-
-
-def build_dataset(records: Sequence[dict], tokenizer, max_length: int, *, sort_by_length: bool = False) -> EncodedSplit:
-    """Records -> ``datasets.Dataset`` of input_ids, labels (IGNORE_INDEX on the prompt) and length.
-
-    No padding here: the collator pads each batch to its own longest example.
-    """
-    from datasets import Dataset
-
-    pairs = encode_pairs(tokenizer, [r["question"] for r in records], [r["answer"] for r in records])
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    split = EncodedSplit(dataset=None, records=len(records))
-    for prompt, answer in pairs:
-        if len(prompt) >= max_length:
-            split.skipped += 1
-            continue
-        if len(prompt) + len(answer) > max_length:
-            answer = answer[: max_length - len(prompt)]
-            split.truncated += 1
-        columns["input_ids"].append(prompt + answer)
-        columns["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
-        columns["length"].append(len(prompt) + len(answer))
-        split.tokens += len(prompt) + len(answer)
-        split.answer_tokens += len(answer)
-    if sort_by_length:  # evaluation: neighbours of similar length pad little
-        order = sorted(range(len(columns["length"])), key=columns["length"].__getitem__, reverse=True)
-        columns = {k: [v[i] for i in order] for k, v in columns.items()}
-    split.dataset = Dataset.from_dict(columns)
-    return split
-
-
-@dataclass
-class AnswerOnlyCollator:
-    """Pads a batch to its own longest example, never to max_length: tensors of shape (B, T_batch).
-
-    Padding is on the right with attention_mask 0 and label IGNORE_INDEX, so it changes
-    neither the attention nor the loss.
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None  # 8 on CUDA: tensor-core friendly shapes for a few pad tokens
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(features)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
-        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 # ---------------------------------------------------------------------------
 # Small helpers around transformers
 # ---------------------------------------------------------------------------
-def _training_arguments(**kwargs):
-    """``TrainingArguments`` across transformers 5.x, which renamed a few fields."""
-    from transformers import TrainingArguments
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    if "activation_checkpointing" not in names:  # before the rename
-        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
-        kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
-    if "train_sampling_strategy" not in names:
-        kwargs["group_by_length"] = kwargs.pop("train_sampling_strategy") == "group_by_length"
-    return TrainingArguments(**kwargs)
-
-
 def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
     import torch
 
@@ -430,13 +154,61 @@ def _step_of(checkpoint: str | Path | None) -> int | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    fsperm.write_private(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _sft_trainer_class():
+    """``trl.SFTTrainer`` that also runs the knowledge probe in each evaluation."""
+    from trl import SFTTrainer
+
+    class MemChatSFTTrainer(SFTTrainer):
+        probe: KnowledgeProbe | None = None
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            if self.probe is not None and self.probe.questions:
+                model = self.accelerator.unwrap_model(self.model)
+                scores = self.probe.run(model, self.processing_class, epoch=self.state.epoch,
+                                        step=self.state.global_step)
+                for key, value in scores.items():
+                    output.metrics[f"{metric_key_prefix}_{key}"] = value
+                if output.metrics.get(f"{metric_key_prefix}_loss") is not None:
+                    self.probe.history[-1]["loss"] = round(float(output.metrics[f"{metric_key_prefix}_loss"]), 4)
+            return output
+
+    return MemChatSFTTrainer
+
+
+def _sft_config(**kwargs):
+    """``trl.SFTConfig`` (TrainingArguments + SFT fields) across transformers 5.x field renames."""
+    from trl import SFTConfig
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    if "activation_checkpointing" not in names:  # before the rename
+        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
+        kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
+    if "train_sampling_strategy" not in names:
+        kwargs["group_by_length"] = kwargs.pop("train_sampling_strategy") == "group_by_length"
+    return SFTConfig(**kwargs)
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules.strip()
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        task_type="CAUSAL_LM",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -456,6 +228,8 @@ class TrainResult:
     runtime_s: float
     notice: str | None = None
     meta: dict = field(default_factory=dict)
+    best_metric: float | None = None  # the saved epoch's metric_for_best value
+    knowledge: list = field(default_factory=list)  # per evaluation: epoch, step, knowledge_f1/contains, loss
 
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -525,6 +299,9 @@ class ConversationalTrainer:
         self.device = None
         self.precision: str | None = None  # "bf16" / "fp16" / None (fp32)
         self.last_log_history: list[dict] = []
+        self.probe: KnowledgeProbe | None = None
+        if config.metric_for_best not in METRICS:
+            raise MemChatError(f"Unknown metric_for_best {config.metric_for_best!r}; choose one of {', '.join(METRICS)}.")
 
     # -- setup ---------------------------------------------------------------
     @property
@@ -538,12 +315,9 @@ class ConversationalTrainer:
             return self
         cfg = self.config
         if self.data is None:
-            self.data = load_training_data(cfg.dataset_path)
-        if cfg.early_stopping_patience > 0 and not self.data.validation:
-            raise DatasetError(
-                f"{self.data.path} has no validation records, and early stopping needs them. "
-                "Drop --early-stopping, or extract again with a validation split: python extract_faiss_data.py"
-            )
+            self.data = load_training_data(cfg.dataset_path).select(self.mix)
+        if not self.data.validation and cfg.early_stopping_patience > 0:
+            logger.info(f"{self.data.path} has no validation questions: no early stopping, the last epoch is kept")
         self._choose_precision()
         if self.model is None:  # (bench/train.py may hand in a model of its own)
             from memchat.models import load_causal_lm
@@ -563,7 +337,16 @@ class ConversationalTrainer:
             self.eval_split = build_dataset(self.data.validation, self.tokenizer, cfg.max_length, sort_by_length=True)
             if len(self.eval_split.dataset) == 0:
                 self.eval_split = None
+        if self.eval_split is not None and cfg.metric_for_best != "loss" or cfg.knowledge_questions and self.eval_split:
+            self.probe = KnowledgeProbe.from_records(self.data.validation, limit=cfg.knowledge_questions,
+                                                     max_new_tokens=cfg.knowledge_max_new_tokens)
         return self
+
+    @property
+    def mix(self) -> dict[str, bool]:
+        c = self.config
+        return {"documents": c.mix_documents, "qa": c.mix_qa, "paraphrases": c.mix_paraphrases,
+                "restatements": c.mix_restatements}
 
     def _choose_precision(self) -> None:
         from memchat.device import get_device, mixed_precision
@@ -604,7 +387,10 @@ class ConversationalTrainer:
             f"data           {self.data.path} (sha256 {self.data.sha256[:12]}, {self.data.counts['train']} train / "
             f"{self.data.counts['validation']} validation records, {n_docs} documents)",
             f"format         {prompt_format(self.tokenizer)}; loss on {tr.answer_tokens} of {tr.tokens} train tokens "
-            f"(answers only); {tr.truncated} truncated, {tr.skipped} skipped at max length {cfg.max_length}",
+            f"(answers, and whole documents); {tr.truncated} truncated, {tr.skipped} skipped at max length {cfg.max_length}",
+            "mix            " + ", ".join(f"{part} {'on' if on else 'off'}" for part, on in self.mix.items())
+            + "; examples " + ", ".join(f"{k} {v}" for k, v in sorted(tr.by_part.items())),
+            f"training       {'LoRA r ' + str(cfg.lora_r) + ', alpha ' + str(cfg.lora_alpha) + ', on ' + cfg.lora_target_modules + ' (merged when saved)' if cfg.lora else 'all weights'} on TRL SFTTrainer",
             f"device         {self.device}, {self.precision or 'fp32'}"
             + (" mixed precision" if self.precision else ""),
             f"schedule       {cfg.num_train_epochs:g} epochs x {self.steps_per_epoch} steps, batch "
@@ -615,8 +401,11 @@ class ConversationalTrainer:
             "padding per batch, batches grouped by length",
             f"validation     "
             + (
-                f"{len(self.eval_split.dataset)} pairs evaluated each epoch, the best epoch kept"
-                + (f", early stopping after {cfg.early_stopping_patience} epochs" if cfg.early_stopping_patience else "")
+                f"{len(self.eval_split.dataset)} held-out questions: answer-token loss"
+                + (f" and {len(self.probe.questions)} answered greedily (<= {cfg.knowledge_max_new_tokens} tokens)"
+                   if self.probe else "")
+                + f" each epoch; the best epoch by {cfg.metric_for_best} kept"
+                + (f", early stopping after {cfg.early_stopping_patience} epochs without one" if cfg.early_stopping_patience else "")
                 if self.eval_split
                 else "none in the data file: the last epoch is kept"
             ),
@@ -641,7 +430,7 @@ class ConversationalTrainer:
         if not self.options.resume:
             if self.checkpoints_dir.exists():
                 logger.info(f"removing the checkpoints of an earlier run in {self.checkpoints_dir}")
-                shutil.rmtree(self.checkpoints_dir)
+                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)  # (every process of a launch)
             stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             return None, f"{stamp}_{socket.gethostname()}"
         checkpoint = _last_checkpoint(self.checkpoints_dir)
@@ -666,14 +455,18 @@ class ConversationalTrainer:
         return checkpoint, saved.get("tensorboard_run") or f"resumed_{_now()}"
 
     def build_trainer(self, tb_run: str):
-        """The Hugging Face Trainer with Mem_Chat's recipe (used by train() and bench/train.py)."""
-        from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, Trainer
+        """TRL's SFTTrainer with Mem_Chat's recipe (used by train() and bench/train.py)."""
+        from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
         from transformers.integrations import TensorBoardCallback
 
         self.prepare()
         cfg, opt = self.config, self.options
         has_eval = self.eval_split is not None
-        args = _training_arguments(
+        if cfg.metric_for_best == "loss" or self.probe is None:
+            best_metric, greater = "eval_loss", False
+        else:
+            best_metric, greater = f"eval_{cfg.metric_for_best}", True
+        args = _sft_config(
             output_dir=str(self.checkpoints_dir),
             num_train_epochs=cfg.num_train_epochs,
             max_steps=opt.max_steps,
@@ -697,8 +490,8 @@ class ConversationalTrainer:
             save_strategy="epoch",
             save_total_limit=opt.save_total_limit,
             load_best_model_at_end=has_eval,
-            metric_for_best_model="eval_loss" if has_eval else None,
-            greater_is_better=False if has_eval else None,
+            metric_for_best_model=best_metric if has_eval else None,
+            greater_is_better=greater if has_eval else None,
             logging_strategy="steps",
             logging_steps=self._logging_steps(),
             logging_first_step=True,
@@ -707,24 +500,28 @@ class ConversationalTrainer:
             seed=cfg.seed,
             dataloader_pin_memory=self.device.type == "cuda",
             torch_compile=opt.compile,
+            # SFT: the data arrives tokenized with its labels (memchat.training_data), padded per batch
+            max_length=cfg.max_length,
+            packing=False,
+            padding_free=False,
+            pad_to_multiple_of=8 if self.device.type == "cuda" else None,
+            dataset_kwargs={"skip_prepare_dataset": True},
         )
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(self.output_dir / RUNS_DIRNAME / tb_run)
         callbacks = [tensorboard]
         if has_eval and cfg.early_stopping_patience > 0:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-        trainer = Trainer(
+        trainer = _sft_trainer_class()(
             model=self.model,
             args=args,
-            data_collator=AnswerOnlyCollator(
-                pad_token_id=self.tokenizer.pad_token_id,
-                pad_to_multiple_of=8 if self.device.type == "cuda" else None,
-            ),
             train_dataset=self.train_split.dataset,
             eval_dataset=self.eval_split.dataset if has_eval else None,
             processing_class=self.tokenizer,
             callbacks=callbacks + self.extra_callbacks,
+            peft_config=_lora_config(cfg) if cfg.lora else None,
         )
+        trainer.probe = self.probe if has_eval else None
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(_make_log_callbacks(opt.progress))
@@ -779,11 +576,22 @@ class ConversationalTrainer:
                 eval_loss = float(eval_entries[-1]["eval_loss"])
                 best_epoch = eval_entries[-1].get("epoch")
         stopped_early = state.global_step < state.max_steps and self.options.max_steps <= 0
+        best_metric = float(state.best_metric) if state.best_metric is not None else None
+        if eval_entries and self.config.metric_for_best != "loss" and self.probe is not None:
+            # best_metric is the knowledge score; the loss of that same epoch is the saved weights' loss
+            best_step = _step_of(state.best_model_checkpoint)
+            chosen = next((e for e in eval_entries if e.get("step") == best_step), None)
+            eval_loss = float(chosen["eval_loss"]) if chosen else None
+        curve = _curve(eval_entries)
 
         self._save_model(trainer)
         meta = self._meta(state, train_losses, eval_loss, best_epoch, stopped_early, checkpoint, runtime_s, output)
+        meta["results"].update(metric_for_best=self.config.metric_for_best, best_metric=best_metric, curve=curve)
         meta_path = self.output_dir / FINETUNED_META_FILENAME
-        _write_json(meta_path, meta)
+        if trainer.is_world_process_zero():
+            fsperm.write_private(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            fsperm.write_private(self.output_dir / formats.MODEL_CARD_FILENAME, model_card(meta))
+            fsperm.tighten_tree(self.output_dir)
         return TrainResult(
             output_dir=self.output_dir,
             meta_path=meta_path,
@@ -797,6 +605,8 @@ class ConversationalTrainer:
             runtime_s=runtime_s,
             notice=self.notice,
             meta=meta,
+            best_metric=best_metric,
+            knowledge=curve,
         )
 
     def _save_model(self, trainer) -> None:
@@ -805,7 +615,9 @@ class ConversationalTrainer:
         Written to a side folder first, so a failed save leaves the previous model whole,
         and old files of another base model (a stale tokenizer, shards) never mix in.
         """
-        model = trainer.model
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if self.config.lora:  # the adapter folded into the weights: the folder loads like any model
+            model = model.merge_and_unload()
         model.config.use_cache = True  # training turned it off; generation wants it
         if getattr(model, "generation_config", None) is not None:
             gen = model.generation_config
@@ -813,10 +625,21 @@ class ConversationalTrainer:
                 gen.pad_token_id = self.tokenizer.pad_token_id
             if gen.eos_token_id is None:
                 gen.eos_token_id = self.tokenizer.eos_token_id
+        if not trainer.is_world_process_zero():
+            return
         staging = self.output_dir / ".saving"
         shutil.rmtree(staging, ignore_errors=True)
+        fsperm.private_dir(staging)
         model.save_pretrained(staging)  # safetensors, config.json, generation_config.json
-        self.tokenizer.save_pretrained(staging)
+        # A template-less model (DialoGPT) gets one that writes its training format, so
+        # apply_chat_template users (vLLM, TGI) prompt it right; the base tokenizer is untouched.
+        import copy
+
+        from memchat.prompting import ensure_chat_template
+
+        tokenizer = copy.deepcopy(self.tokenizer)
+        ensure_chat_template(tokenizer)
+        tokenizer.save_pretrained(staging)
         keep = {RUNS_DIRNAME, CHECKPOINTS_DIRNAME, staging.name}
         for old in self.output_dir.iterdir():
             if old.name in keep:
@@ -842,12 +665,15 @@ class ConversationalTrainer:
                 "notice": self.notice,
             },
             "prompt_format": prompt_format(self.tokenizer),
+            "mix": {**self.mix, "examples_by_part": self.train_split.summary()["examples_by_part"],
+                    "records_by_kind": self.data.kinds("train"), "excluded_by_part": self.data.excluded},
             "dataset": {
                 "path": str(self.data.path),
                 "sha256": self.data.sha256,
                 "created": self.data.created,
                 "generator_model": self.data.generator_model,
                 "records": self.data.counts,
+                "source": self.data.source,
                 "train": self.train_split.summary(),
                 "validation": self.eval_split.summary() if self.eval_split else None,
             },
@@ -876,18 +702,71 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def read_model_meta(folder: str | Path) -> dict:
-    """memchat_model_meta.json of a fine-tuned model folder, checked for format and version."""
-    path = Path(folder) / FINETUNED_META_FILENAME
-    if not path.exists():
-        raise MemChatError(f"{folder} has no {FINETUNED_META_FILENAME}. Train one: python train_conversational.py")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MemChatError(f"{path} is damaged ({exc}). Train again: python train_conversational.py") from exc
-    if meta.get("format") != MODEL_META_FORMAT or meta.get("format_version") != MODEL_META_VERSION:
-        raise MemChatError(
-            f"{path} has format {meta.get('format')!r} version {meta.get('format_version')}; "
-            f"this Mem_Chat reads {MODEL_META_FORMAT} version {MODEL_META_VERSION}. Train again."
-        )
-    return meta
+def _curve(eval_entries: list[dict]) -> list[dict]:
+    """Per evaluation: epoch, step, answer-token loss and the knowledge scores."""
+    out = []
+    for e in eval_entries:
+        row = {"epoch": e.get("epoch"), "step": e.get("step"), "eval_loss": e.get("eval_loss")}
+        for key in ("knowledge_f1", "knowledge_contains"):
+            if f"eval_{key}" in e:
+                row[key] = round(float(e[f"eval_{key}"]), 2)
+        out.append(row)
+    return out
+
+
+def model_card(meta: dict) -> str:
+    """finetuned_model/README.md: what the model is, what it saw, how it was trained and how it scored."""
+    base = meta["base_model"]
+    ds = meta["dataset"]
+    res = meta["results"]
+    mix = meta.get("mix", {})
+    settings = meta["settings"]
+    docs = [d.get("name") for d in (meta.get("lineage") or {}).get("documents") or []]
+    curve = res.get("curve") or []
+    lines = [
+        "---",
+        f"base_model: {base.get('resolved') or base.get('requested')}",
+        "library_name: transformers",
+        "tags: [mem-chat, sft, trl, private]",
+        "---",
+        "",
+        f"# Mem_Chat fine-tuned model ({base.get('display_name')})",
+        "",
+        f"Fine-tuned by Mem_Chat {meta.get('memchat_version')} on {meta.get('created')} from "
+        f"`{base.get('resolved')}` on question/answer data extracted from {len(docs)} private document(s).",
+        "",
+        "## Privacy",
+        "",
+        "This model has learned the content of your documents and can repeat it. Treat the folder like the "
+        "documents themselves: do not publish it or share it with anyone who may not read them.",
+        "",
+        "## Data",
+        "",
+        f"- dataset: `{Path(ds['path']).name}` (sha256 {ds['sha256'][:12]}), {ds['records']['train']} training and "
+        f"{ds['records']['validation']} validation records; generator {ds.get('generator_model')}",
+        "- training records by kind: " + ", ".join(f"{k} {v}" for k, v in (mix.get("records_by_kind") or {}).items()),
+        "- mix: " + ", ".join(f"{k} {'on' if mix.get(k) else 'off'}" for k in ("documents", "qa", "paraphrases", "restatements")),
+        f"- documents: {', '.join(docs) if docs else 'not recorded'}",
+        "",
+        "## Training",
+        "",
+        f"- prompt format: {meta.get('prompt_format')} (a model without a chat template was given one that "
+        "writes `question<eos>answer<eos>`)",
+        f"- {settings['num_train_epochs']:g} epochs max, batch {settings['per_device_train_batch_size']} x "
+        f"{settings['gradient_accumulation_steps']}, lr {settings['learning_rate']:g} {settings['lr_scheduler_type']}, "
+        f"max length {settings['max_length']}, {'LoRA r ' + str(settings['lora_r']) + ' (merged)' if settings.get('lora') else 'all weights'}",
+        f"- best epoch {res.get('best_epoch')} by {res.get('metric_for_best')} = {res.get('best_metric')}; "
+        f"stopped early: {res.get('stopped_early')}; {res.get('global_step')} steps in {res.get('runtime_s')} s",
+        "",
+        "## Validation (held-out question families, answered greedily each epoch)",
+        "",
+        "| epoch | answer-token loss | knowledge F1 | knowledge contains |",
+        "|---|---|---|---|",
+    ]
+    for row in curve:
+        loss = row.get("eval_loss")
+        lines.append(f"| {row.get('epoch') or 0:.0f} | {'' if loss is None else f'{loss:.4f}'} | "
+                     f"{row.get('knowledge_f1', '')} | {row.get('knowledge_contains', '')} |")
+    lines += ["", "Load it with `transformers` (`AutoModelForCausalLM.from_pretrained(folder)`), or chat with it: "
+              "`python test_finetuned_model.py`.", ""]
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from memchat import config, qa
+from memchat import config, formats, qa
 from memchat.config import ExtractConfig
 from memchat.extraction import PROGRESS_FILENAME, FAISSDataExtractor
 from memchat.knowledge import KnowledgeBase
@@ -66,7 +66,7 @@ def test_dataset_and_stats_files():
     path = ex.create_training_dataset(max_pairs_per_chunk=3, augment=True)
     assert path == config.training_dir() / config.DATASET_FILENAME
     doc = load(path)
-    assert doc["format"] == "memchat-training-data" and doc["format_version"] == config.DATASET_FORMAT_VERSION
+    assert doc["format"] == "memchat-training-data" and doc["format_version"] == formats.DATASET_FORMAT_VERSION
     assert doc["generator_model"] == "tests/scripted-model" and doc["created"]
     assert doc["settings"]["max_pairs_per_chunk"] == 3 and doc["settings"]["augment"] is True
     state = k.state()
@@ -75,10 +75,25 @@ def test_dataset_and_stats_files():
         d["name"]: (d["version"], d["sha256"]) for d in k.documents()
     }
     chunks = {c["id"]: c for c in k.chunks()}
-    records = doc["records"]
-    assert records and len({r["id"] for r in records}) == len(records)
+    every = doc["records"]
+    assert every and len({r["id"] for r in every}) == len(every)
+    by_kind = {}
+    for r in every:
+        by_kind.setdefault(r["kind"], []).append(r)
+    assert set(by_kind) <= set(formats.KINDS) and {"document", "original", "variation", "wh", "cloze", "about"} <= set(by_kind)
+    # (a) one document record per chunk, its own text, in training
+    assert sorted(r["chunk_id"] for r in by_kind["document"]) == sorted(chunks)
+    for r in by_kind["document"]:
+        assert r["text"] == qa.flatten(chunks[r["chunk_id"]]["text"]) and r["split"] == "train"
+    # (d) restatements: a short span of the chunk's text; the wh question no longer holds it
+    for r in by_kind["wh"] + by_kind["cloze"]:
+        assert r["answer"] in " ".join(chunks[r["chunk_id"]]["text"].split()) and r["split"] == "train"
+        assert r["answer_kind"] in ("date", "number", "name", "phrase") and len(r["answer"].split()) <= 8
+    for r in by_kind["cloze"]:
+        assert "___" in r["question"]
+    records = [r for r in every if r["kind"] in ("original", "variation")]
     fields = {"id", "question", "answer", "kind", "source_question_id", "split", "document", "doc_version",
-              "page_start", "page_end", "chunk_id", "chunk_hash"}
+              "page_start", "page_end", "chunk_id", "chunk_hash", "family"}
     originals = {r["source_question_id"]: r for r in records if r["kind"] == "original"}
     for r in records:
         assert fields <= set(r)
@@ -98,7 +113,9 @@ def test_dataset_and_stats_files():
 
     stats = load(config.training_dir() / config.STATS_FILENAME)
     o = stats["overall"]
-    assert o["chunks"] == len(chunks) and o["records"] == len(records)
+    assert o["chunks"] == len(chunks) and o["records"] == len(every)
+    assert o["records_by_kind"] == {k: len(v) for k, v in sorted(by_kind.items())}
+    assert sum(o["span_answers_by_kind"].values()) == len(by_kind["wh"]) + len(by_kind["cloze"])
     assert o["questions_kept"] == len(originals) and o["variations_kept"] == len(records) - len(originals)
     assert o["answers"]["model"] + o["answers"]["extractive"] >= o["questions_kept"]
     assert o["answers"]["extractive"] >= 1 and o["dropped"]["answers_parse"]["not_grounded"] >= 1
@@ -106,47 +123,106 @@ def test_dataset_and_stats_files():
     assert o["retry_prompts"] >= 1 and o["questions_from_retry"] >= 1
     assert o["repaired"]["questions"]["label_removed"] >= 1
     assert set(stats["documents"]) == {p.name for p in QA_PDFS[:2]}
-    assert sum(d["records"] for d in stats["documents"].values()) == len(records)
+    assert sum(d["records"] for d in stats["documents"].values()) == len(every)
     run = stats["run"]
     assert run["chunks_generated"] == len({c["hash"] for c in chunks.values()}) and run["chunks_reused"] == 0
     assert run["generated_tokens"] == gen.stats.new_tokens > 0 and run["tokens_per_s"] > 0
     # few generate calls: at most one per stage (questions, retry, answers, paraphrases) per group of chunks
     groups = -(-len(chunks) // 3)
     assert gen.calls == run["generate_calls"] <= 4 * groups
-    # nothing but the two files and the progress file
-    assert sorted(p.name for p in config.training_dir().iterdir() if not p.name.startswith(".")) == sorted(
-        [config.DATASET_FILENAME, config.STATS_FILENAME, PROGRESS_FILENAME])
+    # the two files, the progress file and the exports for other trainers; all owner-only
+    folder = config.training_dir()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        [config.DATASET_FILENAME, config.STATS_FILENAME, PROGRESS_FILENAME, "train.jsonl", "validation.jsonl",
+         "documents.jsonl"])
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def test_no_augment_and_pairs_limit():
     k = make_kb(QA_PDFS[:1])
     ex = extractor(k)
     doc = load(ex.create_training_dataset(max_pairs_per_chunk=1, augment=False))
-    assert {r["kind"] for r in doc["records"]} == {"original"}
+    assert {r["kind"] for r in doc["records"]} & {"original", "variation"} == {"original"}
     per_chunk = {}
     for r in doc["records"]:
+        if r["kind"] != "original":
+            continue
         per_chunk[r["chunk_id"]] = per_chunk.get(r["chunk_id"], 0) + 1
     assert max(per_chunk.values()) == 1
     with pytest.raises(Exception, match="1 to 5"):
         extractor(k).create_training_dataset(max_pairs_per_chunk=6)
 
 
-def test_split_never_leaks_a_variation():
+def test_family_split_trains_every_chunk_and_never_leaks_a_family():
     k = make_kb(QA_PDFS)
-    doc = load(extractor(k, validation_fraction=0.4).create_training_dataset())
+    doc = load(extractor(k, validation_families_per_chunk=1).create_training_dataset())
     records = doc["records"]
-    by_qid = {}
-    for r in records:
-        by_qid.setdefault(r["source_question_id"], set()).add(r["split"])
-    assert all(len(s) == 1 for s in by_qid.values())  # a question and all its paraphrases: one side
-    by_chunk = {}
-    for r in records:
-        by_chunk.setdefault(r["chunk_hash"], set()).add(r["split"])
-    assert all(len(s) == 1 for s in by_chunk.values())
-    splits = {r["split"] for r in records}
-    assert splits == {"train", "validation"}
-    train_q = {qa.normalize(r["question"]) for r in records if r["split"] == "train"}
-    assert not any(qa.normalize(r["question"]) in train_q for r in records if r["split"] == "validation")
+    qa_records = [r for r in records if r["kind"] in ("original", "variation")]
+    by_family = {}
+    for r in qa_records:
+        by_family.setdefault(r["family"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_family.values())  # a question and all its paraphrases: one side
+    # every chunk is trained on (its text at least), validation chunks included
+    chunk_hashes = {c["hash"] for c in k.chunks()}
+    assert {r["chunk_hash"] for r in records if r["split"] == "train"} == chunk_hashes
+    val = [r for r in qa_records if r["split"] == "validation"]
+    assert val and {r["chunk_hash"] for r in val} <= {r["chunk_hash"] for r in records if r["kind"] == "original"
+                                                      and r["split"] == "train"}
+    # one family per chunk with two or more, exactly
+    families = {}
+    for r in qa_records:
+        if r["kind"] == "original":
+            families.setdefault(r["chunk_hash"], []).append(r["split"])
+    for h, splits in families.items():
+        assert splits.count("validation") == (1 if len(splits) >= 2 else 0), (h, splits)
+    # no validation question (or paraphrase) appears in training in any kind
+    train_q = {qa.normalize(r["question"]) for r in records if r["split"] == "train" and "question" in r}
+    assert not any(qa.normalize(r["question"]) in train_q for r in val)
+    # the messages exports load with datasets, in the split the dataset says
+    from datasets import load_dataset
+
+    folder = config.training_dir()
+    ds = load_dataset("json", data_files={"train": str(folder / "train.jsonl"),
+                                          "validation": str(folder / "validation.jsonl")})
+    assert len(ds["validation"]) == len(val)
+    assert len(ds["train"]) == sum(1 for r in records if r["split"] == "train" and r["kind"] != "document")
+    row = ds["validation"][0]["messages"]
+    assert [m["role"] for m in row] == ["user", "assistant"] and row[0]["content"] == val[0]["question"]
+    # the same split on a second run, and with two families per chunk the first stays validation
+    again = load(extractor(k, validation_families_per_chunk=1).create_training_dataset())
+    assert [(r["id"], r["split"]) for r in again["records"]] == [(r["id"], r["split"]) for r in records]
+    two = load(extractor(k, validation_families_per_chunk=2).create_training_dataset())
+    val2 = {r["id"] for r in two["records"] if r["split"] == "validation"}
+    assert {r["id"] for r in val} <= val2
+
+
+def test_family_split_rule():
+    fams = [("a", "Q one?"), ("a", "Q two?"), ("a", "Q three?"), ("b", "Only one?"), ("c", "x?"), ("c", "y?")]
+    s1 = qa.assign_family_splits(fams, 1, 42)
+    assert s1[3] == "train"  # a chunk with one family keeps it
+    assert s1[:3].count("validation") == 1 and s1[4:].count("validation") == 1
+    assert qa.assign_family_splits(fams, 5, 42)[:3].count("validation") == 2  # never all of a chunk
+    assert qa.assign_family_splits(fams, 0, 42) == ["train"] * 6
+    # stable when other chunks come and go
+    assert qa.assign_family_splits(fams[:3], 1, 42) == s1[:3]
+
+
+def test_encrypted_training_data_round_trips(tmp_path):
+    from memchat.training_data import load_training_data
+
+    k = make_kb(QA_PDFS[:1])
+    path = extractor(k, encrypt=True).create_training_dataset()
+    raw = path.read_bytes()
+    assert raw.startswith(b"gAAAAA") and b"question" not in raw
+    for name in ("train.jsonl", "training_stats.json", PROGRESS_FILENAME):
+        assert b"question" not in (config.training_dir() / name).read_bytes()
+    data = load_training_data(path)  # the trainer reads it with the store's key
+    assert data.train and all(r.get("question") or r.get("text") for r in data.train)
+    # resuming reads the encrypted progress file: nothing is generated again
+    gen = ScriptedGenerator()
+    extractor(k, gen, encrypt=True).create_training_dataset()
+    assert gen.calls == 0
 
 
 # ---------------------------------------------------------------------------

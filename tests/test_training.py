@@ -62,7 +62,7 @@ def write_dataset(path=None, pairs=PAIRS, validation=((PAIRS[0][0], PAIRS[0][1])
         {"id": f"v{i}", "question": q, "answer": a, "kind": "original", "split": "validation", "document": "a.pdf"}
         for i, (q, a) in enumerate(validation)
     ]
-    doc = {"format": "memchat-training-data", "format_version": 1, "created": "2025-01-01T00:00:00+00:00",
+    doc = {"format": "memchat-training-data", "format_version": 2, "created": "2025-01-01T00:00:00+00:00",
            "generator_model": "tiny", "settings": {}, "lineage": LINEAGE, "records": records, **top}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc))
@@ -145,15 +145,17 @@ BAD_DATA = {
     "missing": (None, r"No training data at .*faiss_training_data\.json\. Make it with: python extract_faiss_data\.py"),
     "empty": ("  \n", r"faiss_training_data\.json is empty\. Make it again"),
     "not json": ("{records: [", r"is not valid JSON \(.* at line 1, column 2\)"),
-    "other format": (json.dumps([{"question": "q", "answer": "a"}]), r'is not Mem_Chat training data \(no "format"'),
+    "other format": (json.dumps([{"prompt": "q", "response": "a"}]),
+                     r'record 1 \(prompt, response\) is none of \{"question", "answer"\}, \{"instruction", "output"\} '
+                     r'or \{"messages": \[\.\.\.\]\}'),
     "other version": (json.dumps({"format": "memchat-training-data", "format_version": 9, "records": []}),
-                      r"has format version 9; this Mem_Chat reads version 1"),
-    "no records": (json.dumps({"format": "memchat-training-data", "format_version": 1, "records": []}),
-                   r"holds no question/answer records"),
-    "record without answer": (json.dumps({"format": "memchat-training-data", "format_version": 1,
+                      r"has format version 9; this Mem_Chat reads version 2"),
+    "no records": (json.dumps({"format": "memchat-training-data", "format_version": 2, "records": []}),
+                   r"holds no records"),
+    "record without answer": (json.dumps({"format": "memchat-training-data", "format_version": 2,
                                           "records": [{"id": "r1", "question": "q?", "answer": " "}]}),
                               r"record 1 \(id 'r1'\) has no answer"),
-    "only validation": (json.dumps({"format": "memchat-training-data", "format_version": 1,
+    "only validation": (json.dumps({"format": "memchat-training-data", "format_version": 2,
                                     "records": [{"question": "q?", "answer": "a", "split": "validation"}]}),
                         r"has no training records \(all 1 are validation\)"),
 }
@@ -179,10 +181,12 @@ def test_data_file_is_read_with_its_lineage():
     assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_early_stopping_needs_validation_records(tiny_gpt2_dir):
+def test_without_validation_nothing_is_probed_and_the_last_epoch_is_kept(tiny_gpt2_dir):
     write_dataset(validation=())
-    with pytest.raises(DatasetError, match="no validation records, and early stopping needs them"):
-        ConversationalTrainer(model_name=str(tiny_gpt2_dir), early_stopping_patience=2).prepare()
+    ct = ConversationalTrainer(model_name=str(tiny_gpt2_dir), early_stopping_patience=2).prepare()
+    assert ct.eval_split is None and ct.probe is None
+    trainer = ct.build_trainer("r")
+    assert trainer.args.eval_strategy.value == "no" and not trainer.args.load_best_model_at_end
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +205,11 @@ def test_trainer_setup_follows_the_guide(tiny_qwen_dir):
     assert args.learning_rate == 3e-4 and args.lr_scheduler_type.value == "cosine" and args.warmup_steps == 0.05
     assert args.gradient_checkpointing and not (args.bf16 or args.fp16)  # mixed precision only on CUDA
     assert args.eval_strategy.value == "epoch" and args.save_strategy.value == "epoch"
-    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    # the saved epoch is the one that answers the held-out questions best, not the lowest loss
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_knowledge_f1" and args.greater_is_better
+    from trl import SFTTrainer
+
+    assert isinstance(trainer, SFTTrainer) and trainer.probe is ct.probe and ct.probe.questions
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
     tensorboard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback))
     assert Path(tensorboard.logging_dir) == config.finetuned_dir() / "runs" / "run1"
@@ -228,6 +236,7 @@ def test_training_learns_saves_and_reloads(tiny_gpt2_dir):
     ct = ConversationalTrainer(
         model_name=str(tiny_gpt2_dir), num_train_epochs=30, gradient_accumulation_steps=1,
         learning_rate=1e-2, warmup_ratio=0.0, logging_steps=1, progress=False,
+        metric_for_best="loss", early_stopping_patience=0,
     )
     result = ct.train()
 
@@ -239,7 +248,10 @@ def test_training_learns_saves_and_reloads(tiny_gpt2_dir):
     # The saved folder is complete, holds no pickle, and keeps no checkpoints after a finished run.
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            config.FINETUNED_META_FILENAME, "runs"} <= names
+            config.FINETUNED_META_FILENAME, "runs", "README.md"} <= names
+    card = (out / "README.md").read_text()
+    assert "base_model: " + str(tiny_gpt2_dir) in card and "## Privacy" in card and "| epoch |" in card
+    assert out.stat().st_mode & 0o777 == 0o700 and (out / "model.safetensors").stat().st_mode & 0o777 == 0o600
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names) and CHECKPOINTS_DIRNAME not in names
     # Parameters changed, the folder reloads, and it answers a trained question.
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()
@@ -269,7 +281,7 @@ def test_training_learns_saves_and_reloads(tiny_gpt2_dir):
 
     (run,) = (out / "runs").iterdir()
     tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
-    assert {"train/loss", "eval/loss", "train/learning_rate"} <= set(tags)
+    assert {"train/loss", "eval/loss", "train/learning_rate", "eval/knowledge_f1", "eval/knowledge_contains"} <= set(tags)
 
 
 def test_chat_model_learns_through_its_template(tiny_qwen_dir):
@@ -418,3 +430,209 @@ def test_script_offline_fallback_notice_and_flags(tiny_qwen_dir, monkeypatch, ca
     # defaults < --config < flags
     assert meta["settings"]["num_train_epochs"] == 1 and meta["settings"]["learning_rate"] == 1e-3
     assert meta["settings"]["gradient_accumulation_steps"] == 1 and meta["settings"]["progress"] is False
+
+
+# ---------------------------------------------------------------------------
+# The training mix, TRL, the knowledge probe, LoRA, user data, scale-out
+# ---------------------------------------------------------------------------
+def test_each_mix_part_is_labelled_exactly(tiny_gpt2_dir):
+    tok = tokenizer_of(tiny_gpt2_dir)
+    eos = tok.eos_token_id
+    text = "The river flows north through the valley."
+    recs = [
+        {"kind": "document", "text": text},
+        {"kind": "cloze", "question": "Fill in the blank: The river flows ___ through the valley.", "answer": "north"},
+        {"kind": "variation", "question": "Which way does the river go?", "answer": "North."},
+    ]
+    split = build_dataset(recs, tok, max_length=512)
+    rows = split.dataset
+    doc_ids = tok(text, add_special_tokens=False)["input_ids"] + [eos]
+    assert rows[0]["input_ids"] == doc_ids and rows[0]["labels"] == doc_ids  # (a): loss on every token
+    for row, r in zip(list(rows)[1:], recs[1:]):  # (b)-(d): loss on the answer (+ eos) only
+        q_ids = tok(r["question"], add_special_tokens=False)["input_ids"] + [eos]
+        a_ids = tok(r["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        assert row["input_ids"] == q_ids + a_ids
+        assert row["labels"] == [IGNORE_INDEX] * len(q_ids) + a_ids
+    assert split.by_part == {"documents": 1, "restatements": 1, "paraphrases": 1}
+    # a document longer than max_length becomes windows, each fully labelled
+    long = build_dataset([{"kind": "document", "text": " ".join([text] * 6)}], tok, max_length=16).dataset
+    assert len(long) > 1 and all(len(r["input_ids"]) <= 16 and r["labels"] == r["input_ids"] for r in long)
+
+
+def test_mix_switches_select_the_training_records(tiny_gpt2_dir):
+    path = write_dataset()
+    doc = json.loads(path.read_text())
+    doc["records"] += [
+        {"id": "d1", "kind": "document", "text": "Paris is the capital of France.", "split": "train"},
+        {"id": "s1", "kind": "wh", "question": "What is the capital of France?", "answer": "Paris", "split": "train"},
+        {"id": "p1", "kind": "variation", "question": "France's capital?", "answer": "Paris.", "split": "train"},
+    ]
+    path.write_text(json.dumps(doc))
+    ct = ConversationalTrainer(model_name=str(tiny_gpt2_dir), mix_documents=False, mix_paraphrases=False).prepare()
+    assert ct.data.kinds() == {"original": 4, "wh": 1} and ct.data.excluded == {"documents": 1, "paraphrases": 1}
+    with pytest.raises(DatasetError, match="leaves no training record"):
+        ConversationalTrainer(model_name=str(tiny_gpt2_dir), mix_documents=False, mix_paraphrases=False,
+                              mix_qa=False, mix_restatements=False).prepare()
+
+
+def test_trl_prompt_completion_gives_the_same_ids_and_labels(tiny_qwen_dir):
+    """TRL's own conversational prompt/completion tokenization with completion_only_loss == ours,
+    but for the newline after <|im_end|>, which we leave out (memchat.prompting)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    tok = tokenizer_of(tiny_qwen_dir)
+    ours = build_dataset([{"question": q, "answer": a} for q, a in PAIRS], tok, max_length=512).dataset
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+                            for q, a in PAIRS])
+    args = SFTConfig(output_dir=str(config.home() / "trl"), completion_only_loss=True, report_to="none", use_cpu=True,
+                     max_length=512)
+    trl_ds = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_qwen_dir), args=args, train_dataset=ds,
+                        processing_class=tok).train_dataset
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for mine, theirs in zip(ours, trl_ds):
+        assert theirs["input_ids"] == mine["input_ids"] + newline
+        assert theirs["labels"] == mine["labels"] + newline
+
+
+def test_template_less_model_is_saved_with_a_template_that_reproduces_training(tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    write_dataset(validation=())
+    ConversationalTrainer(model_name=str(tiny_gpt2_dir), num_train_epochs=1, progress=False).train()
+    saved = AutoTokenizer.from_pretrained(config.finetuned_dir())
+    base = tokenizer_of(tiny_gpt2_dir)
+    assert not base.chat_template and saved.chat_template
+    q = "What is the capital of France?"
+    ids = saved.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"]
+    assert list(ids) == prompt_ids(base, q)  # what vLLM/TGI send is what training taught
+
+
+def test_knowledge_metric_logs_and_selects_the_checkpoint(tiny_gpt2_dir, monkeypatch):
+    """Loss falls every epoch, the (scripted) knowledge score peaks at epoch 2: epoch 2 is kept."""
+    from memchat import probe as probe_mod
+
+    scores = iter([10.0, 60.0, 20.0, 15.0])
+    real_score = probe_mod.KnowledgeProbe.score
+    seen_predictions = []
+
+    def scripted(self, predictions):
+        seen_predictions.append(list(predictions))  # the real greedy answers, one per question
+        real = real_score(self, predictions)
+        return {**real, "knowledge_f1": next(scores)}
+
+    monkeypatch.setattr(probe_mod.KnowledgeProbe, "score", scripted)
+    write_dataset(validation=PAIRS[:2])
+    settings = dict(model_name=str(tiny_gpt2_dir), num_train_epochs=4, gradient_accumulation_steps=1,
+                    per_device_train_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, progress=False,
+                    gradient_checkpointing=False, early_stopping_patience=0)
+    ct = ConversationalTrainer(**settings, keep_checkpoints=True, save_total_limit=10)
+    result = ct.train()
+    losses = [row["eval_loss"] for row in result.knowledge]
+    assert losses == sorted(losses, reverse=True)  # the loss alone would keep epoch 4
+    assert [row["knowledge_f1"] for row in result.knowledge] == [10.0, 60.0, 20.0, 15.0]
+    assert result.best_epoch == 2 and result.best_metric == 60.0
+    assert len(seen_predictions) == 4 and all(len(p) == 2 for p in seen_predictions)
+    meta = read_model_meta(config.finetuned_dir())
+    assert meta["results"]["best_epoch"] == 2 and meta["results"]["metric_for_best"] == "knowledge_f1"
+    assert [row["knowledge_f1"] for row in meta["results"]["curve"]] == [10.0, 60.0, 20.0, 15.0]
+    assert meta["results"]["eval_loss"] == pytest.approx(losses[1])  # the saved weights' own loss
+    # the saved weights are epoch 2's checkpoint (one optimizer step per epoch here)
+    from safetensors.torch import load_file
+
+    kept = load_file(config.finetuned_dir() / "model.safetensors")
+    two = load_file(config.finetuned_dir() / CHECKPOINTS_DIRNAME / "checkpoint-2" / "model.safetensors")
+    last = load_file(config.finetuned_dir() / CHECKPOINTS_DIRNAME / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(kept[k], two[k]) for k in kept if k in two)
+    assert any(not torch.equal(kept[k], last[k]) for k in kept if k in last)
+    # with --metric-for-best loss, the last (lowest-loss) epoch is kept
+    scores = iter([10.0, 60.0, 20.0, 15.0])
+    by_loss = ConversationalTrainer(**{**settings, "metric_for_best": "loss", "output_dir": config.home() / "l"}).train()
+    assert by_loss.best_epoch == 4
+
+
+def test_lora_trains_merges_and_reloads(tiny_qwen_dir):
+    from transformers import AutoModelForCausalLM
+
+    write_dataset(validation=())
+    before = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir).state_dict()
+    result = ConversationalTrainer(model_name=str(tiny_qwen_dir), lora=True, lora_r=4, lora_alpha=8,
+                                   lora_target_modules="q_proj,v_proj", num_train_epochs=20,
+                                   gradient_accumulation_steps=1, learning_rate=5e-2, warmup_ratio=0.0,
+                                   progress=False).train()
+    out = result.output_dir
+    assert not (out / "adapter_config.json").exists()  # merged: the folder is a plain model
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)  # only the adapted layers moved
+    assert read_model_meta(out)["settings"]["lora"] is True
+    # it learned: the answer-token loss of the training pairs fell, through the reloaded folder
+    tok = tokenizer_of(tiny_qwen_dir)
+    batch = AnswerOnlyCollator(tok.pad_token_id)(list(build_dataset([{"question": q, "answer": a} for q, a in PAIRS],
+                                                                     tok, 512).dataset))
+
+    def loss_of(model):
+        with torch.no_grad():
+            return float(model(**batch).loss)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)
+    assert loss_of(AutoModelForCausalLM.from_pretrained(out)) < 0.8 * loss_of(base)
+    from memchat.finetuned import FineTunedChat
+
+    assert FineTunedChat(out).answer("What is the capital of France?")  # loads for chat (and so the hybrid)
+
+
+USER_FORMS = {
+    "question_answer.json": json.dumps([{"question": q, "answer": a} for q, a in PAIRS]),
+    "instruction_output.jsonl": "\n".join(json.dumps({"instruction": q, "output": a}) for q, a in PAIRS),
+    "messages.jsonl": "\n".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}]}) for q, a in PAIRS),
+}
+
+
+@pytest.mark.parametrize("name", list(USER_FORMS))
+def test_user_datasets_in_three_forms_load(name, tiny_gpt2_dir):
+    path = config.home() / name
+    path.write_text(USER_FORMS[name])
+    data = load_training_data(path)
+    assert data.source == "user" and not data.validation
+    assert [(r["question"], r["answer"]) for r in data.train] == list(PAIRS)
+    ct = ConversationalTrainer(model_name=str(tiny_gpt2_dir), dataset_path=path).prepare()
+    assert len(ct.train_split.dataset) == len(PAIRS) and ct.probe is None
+
+
+def test_user_dataset_of_another_shape_is_one_line(monkeypatch, capsys, restore_logging):
+    path = config.home() / "mine.jsonl"
+    path.write_text(json.dumps({"q": "What?", "a": "That."}) + "\n")
+    code, _, err = run_script(monkeypatch, capsys, "--dataset", str(path))
+    assert code == 1 and err.count("\n") == 1
+    assert 'record 1 (a, q) is none of {"question", "answer"}, {"instruction", "output"} or {"messages": [...]}' in err
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_on_cpu(tiny_gpt2_dir):
+    """The scale-out path: accelerate launch, 2 CPU processes (gloo), one saved model.
+
+    ``accelerate launch --cpu --num_processes 2`` starts ONE process unless mpirun is set up
+    (accelerate's simple launcher); the torchrun launcher (``--multi_gpu``) with no visible GPU
+    runs two CPU processes on gloo, which is what this checks."""
+    import os
+    import subprocess
+
+    write_dataset()
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", CUDA_VISIBLE_DEVICES="")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29517", str(SCRIPT), "--model", str(tiny_gpt2_dir),
+           "--epochs", "2", "--batch-size", "1", "--grad-accum", "1", "--quiet", "--no-gradient-checkpointing"]
+    proc = subprocess.run(cmd, env=env, cwd=config.home(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    meta = read_model_meta(config.finetuned_dir())
+    # 4 examples over 2 processes at batch 1: 2 steps per epoch (not 4), so both processes trained
+    assert meta["results"]["global_step"] == 4
+    assert (config.finetuned_dir() / "model.safetensors").is_file()
+    assert proc.stdout.count("done: ") == 1  # one process reports

@@ -1,0 +1,118 @@
+"""The knowledge probe: does the model being trained answer its validation questions?
+
+Each evaluation the trainer asks the held-out question families (``memchat.qa``'s
+family split: questions never trained on, about chunks that were) greedily, in
+batches, with short answers, and scores them with the evaluation's own metrics
+(``memchat.evaluate``: SQuAD token F1 and contains-gold). The golds of a question are
+its answer and the date / number / name spans of that answer the question does not
+already hold (``memchat.text.answer_spans``), so a short right answer counts as well as
+the whole sentence.
+
+``knowledge_f1`` and ``knowledge_contains`` go into the evaluation metrics, next to the
+answer-token loss: TensorBoard plots them, and the best checkpoint and early stopping
+use them (``TrainConfig.metric_for_best``). Deliberately left out: the trainer's loop
+(``memchat.training``) and loading models.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .evaluate import contains_gold, normalize_answer, token_f1
+from .prompting import prompt_ids
+from .text import DATE, NAME, NUMBER, answer_spans, content_words
+
+log = logging.getLogger(__name__)
+
+METRICS = ("knowledge_f1", "knowledge_contains", "loss")
+
+
+def golds_for(question: str, answer: str) -> list[str]:
+    """The answer, plus its date/number/name spans that the question does not already hold."""
+    out = [answer.strip()]
+    qwords = content_words(question)
+    for span in answer_spans(answer):
+        if span.kind in (DATE, NUMBER, NAME) and not content_words(span.text) <= qwords:
+            out.append(span.text)
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class ProbeQuestion:
+    question: str
+    golds: list[str]
+
+
+@dataclass
+class KnowledgeProbe:
+    """The validation questions, answered greedily each evaluation; see the module docstring."""
+
+    questions: list[ProbeQuestion]
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation: epoch, step, metrics
+    last_predictions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict], limit: int = 0, **kwargs) -> "KnowledgeProbe":
+        """One question per family (the original), in record order; ``limit`` > 0 keeps the first N."""
+        seen, out = set(), []
+        for r in records:
+            if r.get("kind", "original") != "original":
+                continue
+            key = normalize_answer(r["question"])
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(ProbeQuestion(r["question"].strip(), golds_for(r["question"], r["answer"])))
+        return cls(out[:limit] if limit > 0 else out, **kwargs)
+
+    def answer(self, model, tokenizer) -> list[str]:
+        """Greedy answers (left-padded batches), cut at eos; the model is left as it was found."""
+        import torch
+
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = tokenizer.eos_token_id
+        stop = {eos} if eos is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stop |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        out: list[str] = []
+        try:
+            with torch.no_grad():
+                for lo in range(0, len(self.questions), self.batch_size):
+                    batch = [prompt_ids(tokenizer, q.question) for q in self.questions[lo : lo + self.batch_size]]
+                    width = max(len(p) for p in batch)
+                    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, p in enumerate(batch):
+                        ids[row, width - len(p):] = torch.tensor(p)
+                        mask[row, width - len(p):] = 1
+                    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                         pad_token_id=pad, eos_token_id=sorted(stop) or None, use_cache=True)
+                    for row in gen[:, width:].tolist():
+                        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+                        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        finally:
+            if was_training:
+                model.train()
+        return out
+
+    def score(self, predictions: Sequence[str]) -> dict[str, float]:
+        n = max(1, len(predictions))
+        return {
+            "knowledge_f1": 100.0 * sum(token_f1(p, q.golds) for p, q in zip(predictions, self.questions)) / n,
+            "knowledge_contains": 100.0 * sum(contains_gold(p, q.golds) for p, q in zip(predictions, self.questions)) / n,
+        }
+
+    def run(self, model, tokenizer, *, epoch: float | None = None, step: int | None = None) -> dict[str, float]:
+        preds = self.answer(model, tokenizer)
+        metrics = self.score(preds)
+        self.last_predictions = preds
+        self.history.append({"epoch": epoch, "step": step, **{k: round(v, 2) for k, v in metrics.items()}})
+        return metrics
