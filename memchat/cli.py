@@ -50,13 +50,25 @@ def add_app_flags(parser, default_port: int) -> None:
     g.add_argument("--port", type=int, default=default_port, help=f"port for the app (default {default_port})")
 
 
+def max_file_bytes() -> int:
+    """Bytes one uploaded PDF may have: ingestion's per-file cap (IngestConfig, MEMCHAT_MAX_FILE_BYTES)."""
+    from . import config
+
+    ingest = getattr(config, "IngestConfig", None)
+    cap = getattr(ingest(), "max_file_bytes", None) if ingest is not None else None
+    return int(cap) if cap else config.AppConfig.max_upload_mb << 20
+
+
+def max_upload_mb() -> int:
+    """Streamlit's server.maxUploadSize (MB, per file): the per-file byte cap, rounded up."""
+    return max(1, -(-max_file_bytes() // (1 << 20)))
+
+
 def streamlit_command(script: str, host: str, port: int, script_args: list[str] | None = None) -> list[str]:
     """The ``streamlit run`` command line: the settings of .streamlit/config.toml, from any folder."""
-    from .config import AppConfig
-
     cmd = [sys.executable, "-m", "streamlit", "run", os.path.abspath(script),
            "--server.address", host, "--server.port", str(port),
-           "--server.maxUploadSize", str(AppConfig.max_upload_mb),
+           "--server.maxUploadSize", str(max_upload_mb()),
            "--client.showErrorDetails", "none",
            "--browser.gatherUsageStats", "false"]
     if script_args:

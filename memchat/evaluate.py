@@ -433,12 +433,17 @@ class Report:
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_json_default))
-        return path
+        from .fsperm import write_private  # 0600 in a 0700 eval_results/: it holds the answers
+
+        return write_private(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=_json_default))
 
     def save_chart(self, path: str | Path) -> Path:
-        return save_chart(self, path)
+        from .fsperm import private_dir, tighten_tree
+
+        private_dir(Path(path).parent)
+        path = save_chart(self, path)
+        tighten_tree(path)  # matplotlib writes 0644
+        return path
 
 
 def _json_default(value):

@@ -18,9 +18,19 @@ FILE_MODE = 0o600  # only the owner can read: the files hold document text
 
 
 def private_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and missing parents) as 0700; tighten it if it exists looser. Returns it."""
+    """Create ``path`` (and any missing parents) as 0700; tighten it if it exists looser. Returns it."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:  # mkdir(parents=True) would make the parents 0777 & ~umask
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:  # a concurrent maker: tightened below if it is ours to hold
+            pass
+        _tighten(d, DIR_MODE)
     _tighten(path, DIR_MODE)
     return path
 

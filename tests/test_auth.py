@@ -98,12 +98,12 @@ def test_plain_streamlit_run_reads_the_committed_config(isolated_home):
 def test_committed_streamlit_config():
     import tomllib
 
-    from memchat.config import AppConfig
+    from memchat.cli import max_upload_mb
 
     cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert cfg["server"]["address"] == "127.0.0.1"
     assert cfg["client"]["showErrorDetails"] == "none"
-    assert cfg["server"]["maxUploadSize"] == AppConfig.max_upload_mb
+    assert cfg["server"]["maxUploadSize"] == max_upload_mb()  # ingestion's per-file cap, as the launchers pass it
     assert cfg["browser"]["gatherUsageStats"] is False
 
 

@@ -1,9 +1,10 @@
-"""A real browser drives the running RAG app: upload a PDF, ask, see an answer with a citation.
+"""A real browser drives the running RAG app: log in, upload a PDF, ask, see an answer with a citation.
 
 Headless Debian Chromium via Playwright, against `streamlit run main.py` on a
-loopback port. The generation model is a tiny random Qwen2 (MEMCHAT_LLM), so the
-test checks the whole flow (upload -> encrypted store -> retrieval -> streamed
-answer -> citation), not the model's wisdom.
+loopback port with an app password set (MEMCHAT_APP_PASSWORD): a wrong password
+sees nothing of the app; the right one gets in. The generation model is a tiny
+random Qwen2 (MEMCHAT_LLM), so the test checks the whole flow (login -> upload ->
+encrypted store -> retrieval -> streamed answer -> citation), not the model's wisdom.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PDF = REPO.parent / "shared" / "data" / "qa_dev" / "pdfs"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PASSWORD = "browser-test password 7f3a"
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,7 +38,7 @@ def app_server(tmp_path, tiny_qwen_dir):
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian chromium is not installed: run `make test`, which installs it")
     port = _free_port()
-    env = dict(os.environ, MEMCHAT_LLM=str(tiny_qwen_dir), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, MEMCHAT_LLM=str(tiny_qwen_dir), HF_HUB_OFFLINE="1", MEMCHAT_APP_PASSWORD=PASSWORD)
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "main.py"), "--server.headless", "true",
@@ -59,7 +61,16 @@ def app_server(tmp_path, tiny_qwen_dir):
     log.close()
 
 
-def test_upload_ask_and_see_citation(app_server):
+def _log_in(page, password: str) -> None:
+    from playwright.sync_api import expect
+
+    box = page.get_by_label("Password")
+    expect(box).to_be_visible(timeout=90_000)
+    box.fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
+def test_login_upload_ask_and_see_citation(app_server):
     from playwright.sync_api import expect, sync_playwright
 
     url, log = app_server
@@ -72,7 +83,21 @@ def test_upload_ask_and_see_citation(app_server):
         )
         page = browser.new_page()
         try:
+            # a wrong password: an error, and nothing of the app (no documents, no uploader, no chat)
             page.goto(url, timeout=60_000)
+            _log_in(page, "not the password at all")
+            expect(page.get_by_text("Wrong password.")).to_be_visible(timeout=60_000)
+            assert page.get_by_text("Add PDFs in the sidebar").count() == 0
+            assert page.locator("input[type=file]").count() == 0
+            assert page.get_by_placeholder("Ask a question about your documents").count() == 0
+            # a fresh browser (no session) sees only the login form too
+            other = browser.new_page()
+            other.goto(url, timeout=60_000)
+            expect(other.get_by_label("Password")).to_be_visible(timeout=90_000)
+            assert other.get_by_text("Add PDFs in the sidebar").count() == 0
+            other.close()
+
+            _log_in(page, PASSWORD)
             expect(page.get_by_text("Add PDFs in the sidebar")).to_be_visible(timeout=90_000)
             page.locator("input[type=file]").set_input_files(str(pdf))
             page.get_by_role("button", name="Add to knowledge base").click()

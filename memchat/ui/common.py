@@ -140,23 +140,16 @@ def show_sources(answer) -> None:
 # ---------------------------------------------------------------------------
 # Uploads
 # ---------------------------------------------------------------------------
-def max_file_bytes() -> int:
-    """The per-file byte cap of ingestion (IngestConfig), else the app's whole-upload cap."""
-    from memchat import config
-
-    ingest = getattr(config, "IngestConfig", None)
-    cap = getattr(ingest, "max_file_bytes", None) if ingest is not None else None
-    return int(cap) if cap else AppConfig.max_upload_mb * 1024 * 1024
-
-
 def split_oversized(uploads) -> tuple[list, list[str]]:
-    """(uploads within the per-file byte cap, one line per upload over it)."""
-    cap = max_file_bytes()
+    """(uploads within ingestion's per-file byte cap, one line per upload over it)."""
+    from memchat.cli import max_file_bytes
+
+    cap = max_file_bytes()  # Streamlit's maxUploadSize is the same cap in whole MB: this is the exact check
     ok, refused = [], []
     for u in uploads:
         if u.size > cap:
-            refused.append(f"{escape_controls(u.name)}: {u.size / 1e6:.1f} MB, over the {cap / 1e6:.0f} MB per-file "
-                           "limit; add it with python main.py add if you trust it (raise MEMCHAT_MAX_FILE_BYTES)")
+            refused.append(f"{md_escape(escape_controls(u.name))}: {u.size:,} bytes, over the {cap:,}-byte limit per "
+                           "file; raise MEMCHAT_MAX_FILE_BYTES if you trust it")
         else:
             ok.append(u)
     return ok, refused
