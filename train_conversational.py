@@ -222,30 +222,27 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from memchat.cli import run
 
+    args = build_parser().parse_args(argv)
+    return run(train, args, interrupted="interrupted: the last epoch's checkpoint is kept; continue with: "
+                                        "python train_conversational.py --resume")
+
+
+def train(args) -> int:
     import logging
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from memchat.errors import MemChatError
     from memchat.training import ConversationalTrainer
 
-    try:
-        _setup_logging()
-        trainer = ConversationalTrainer(**settings_from(args))
-        lines = trainer.describe()  # checks the data first, then loads the model
-        if int(os.environ.get("RANK", "0")) == 0:  # accelerate / torchrun: the main process prints
-            print("settings:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
-        with logging_redirect_tqdm(loggers=[logging.getLogger("memchat")]):
-            result = trainer.train()
-    except MemChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the last epoch's checkpoint is kept; continue with: "
-              "python train_conversational.py --resume", file=sys.stderr)
-        return 130
+    _setup_logging()
+    trainer = ConversationalTrainer(**settings_from(args))
+    lines = trainer.describe()  # checks the data first, then loads the model
+    if int(os.environ.get("RANK", "0")) == 0:  # accelerate / torchrun: the main process prints
+        print("settings:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
+    with logging_redirect_tqdm(loggers=[logging.getLogger("memchat")]):
+        result = trainer.train()
 
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate / torchrun: the main process reports
         return 0
