@@ -129,16 +129,19 @@ class SharedEngine:
     """A ``GenerationEngine`` wrapper that many request threads call at once.
 
     ``generate`` of ONE conversation (what RAG and chat requests make) is queued; a
-    worker thread takes what arrived within ``window_s`` of the first (up to
-    ``max_batch``, same settings) and runs it as one batched ``generate``. Anything
+    worker thread takes what is queued when the model is free, waiting up to
+    ``window_s`` for companions only while ``pending()`` (the requests in flight that
+    may still call ``generate``) says more are coming, and runs it as one batched
+    ``generate`` (up to ``max_batch``, same settings). A lone request never waits. Anything
     else (several conversations, streams, scoring) takes the model's lock in turn.
     Everything else (``resolved``, ``notice``, ``stats``, ``format_prompt``) is the
     wrapped engine's.
     """
 
     def __init__(self, inner, *, max_batch: int = ServeConfig.max_batch,
-                 window_s: float = ServeConfig.batch_window_ms / 1000):
+                 window_s: float = ServeConfig.batch_window_ms / 1000, pending: Callable[[], int] | None = None):
         self.inner = inner
+        self.pending = pending or (lambda: self.max_batch)  # unknown: always worth the window
         self.max_batch = max(1, max_batch)
         self.window_s = window_s
         self.lock = threading.Lock()  # held while the model runs
@@ -174,7 +177,7 @@ class SharedEngine:
                 if self._closed and not self._queue:
                     return
                 first_at = time.monotonic()
-                while len(self._queue) < self.max_batch:  # let companions arrive
+                while len(self._queue) < min(self.max_batch, self.pending()):  # companions on their way
                     left = self.window_s - (time.monotonic() - first_at)
                     if left <= 0 or not self._cv.wait(timeout=left):
                         break
@@ -259,13 +262,15 @@ class MemChatService:
         self._finetuned_generator = finetuned_generator
         self._finetuned = None
         self._hybrid = None
+        self._active = 0  # non-streamed chat requests in progress: the batcher's companions
+        self._active_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._write_lock = threading.Lock()  # uploads and removals one at a time (the store also locks)
         self.cancelled_streams = 0  # streams whose client hung up before the end
 
     def _share(self, engine) -> SharedEngine:
         return engine if isinstance(engine, SharedEngine) else SharedEngine(
-            engine, max_batch=self.cfg.max_batch, window_s=self.cfg.batch_window_ms / 1000)
+            engine, max_batch=self.cfg.max_batch, window_s=self.cfg.batch_window_ms / 1000, pending=lambda: self._active)
 
     # -- models ----------------------------------------------------------------
     def finetuned_available(self) -> bool:
@@ -329,6 +334,15 @@ class MemChatService:
 
     def reply(self, req: "ChatRequest") -> Reply:
         """A whole answer (the non-streamed route)."""
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._reply(req)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _reply(self, req: "ChatRequest") -> Reply:
         if req.model == RAG_MODEL:
             return _answer_reply(self.rag.answer(req.question))
         if req.model == HYBRID_MODEL:

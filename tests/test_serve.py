@@ -22,7 +22,9 @@ from memchat.config import GenerationConfig, ServeConfig
 from memchat.generation import Generator, GenerationResult, GenerationStats
 from memchat.knowledge import KnowledgeBase
 from memchat.rag import RAGPipeline
-from memchat.serve import HYBRID_MODEL, FINETUNED_MODEL, RAG_MODEL, MemChatService, check_bind, create_app
+from memchat.serve import (
+    FINETUNED_MODEL, HYBRID_MODEL, RAG_MODEL, MemChatService, check_bind, create_app, parse_chat_request,
+)
 from memchat.errors import MemChatError
 from tests.fakes import FakeEmbedder
 
@@ -296,15 +298,17 @@ def test_no_auth_on_loopback(tiny_qwen_dir, torch_single_thread):
 def test_concurrent_requests_complete_and_share_one_batch(tiny_qwen_dir, torch_single_thread):
     # A long window: the batch closes when both requests are in, so this cannot flake on timing.
     service = make_service(tiny_qwen_dir, max_batch=2, batch_window_ms=20_000)
-    questions = ["How long is the Rhine?", "Where does the Rhine flow?"]
-    direct = RAGPipeline(service.kb, Generator(str(tiny_qwen_dir)), generation=service.gen_cfg)
-    expected = [direct.answer(q).text for q in questions]  # one at a time, in-process
+    service.base.pending = lambda: 2  # "another request is on its way": the batch waits for it
+    prompts = [[{"role": "user", "content": "How long is the Rhine?"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does the Rhine flow?"}]]
+    direct = Generator(str(tiny_qwen_dir))
+    expected = [direct.generate([p], max_new_tokens=6)[0].text for p in prompts]  # one at a time, in-process
     with running_server(create_app(service, api_key=KEY)) as url:
         c = client(url)
         out: dict[int, str] = {}
 
         def ask(i: int) -> None:
-            r = c.chat.completions.create(model=RAG_MODEL, messages=[{"role": "user", "content": questions[i]}])
+            r = c.chat.completions.create(model=BASE, messages=prompts[i], max_tokens=6)
             out[i] = r.choices[0].message.content
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
@@ -315,6 +319,17 @@ def test_concurrent_requests_complete_and_share_one_batch(tiny_qwen_dir, torch_s
         assert sorted(out) == [0, 1]
         assert service.base.batches == [2]  # one generate call for both
         assert [out[0], out[1]] == expected  # batching did not change the greedy answers
+        # a RAG question and a document listing are served meanwhile too
+        assert c.get("/documents", cast_to=object)["data"]
+    service.close()
+
+
+def test_a_lone_request_does_not_wait_for_companions(tiny_qwen_dir, torch_single_thread):
+    service = make_service(tiny_qwen_dir, pdfs=[], max_batch=8, batch_window_ms=20_000)
+    t = time.perf_counter()
+    service.reply(parse_chat_request({"model": BASE, "messages": ASK, "max_tokens": 2}))
+    assert time.perf_counter() - t < 10  # nothing else in flight: no 20 s window
+    assert service.base.batches == [1]
     service.close()
 
 
