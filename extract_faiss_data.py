@@ -78,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from memchat.cli import run
 
+    args = build_parser().parse_args(argv)
+    return run(extract, args,
+               interrupted="interrupted: finished chunks are saved; run the same command again to resume")
+
+
+def extract(args) -> int:
     from memchat.config import ExtractConfig
-    from memchat.errors import MemChatError
     from memchat.extraction import FAISSDataExtractor
 
     cfg = ExtractConfig(
@@ -109,23 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
     generator = None  # in-process, loaded by the extractor only if some chunk needs generating
     if server_url(args.llm_server):
-        try:
-            generator = LLMServerClient(args.llm_server, args.llm_model, fallback_model=cfg.model_name)
-        except MemChatError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        generator = LLMServerClient(args.llm_server, args.llm_model, fallback_model=cfg.model_name)
         print(f"generation: {generator.resolved.display_name}, up to {generator.cfg.concurrency} requests at once",
               flush=True)
     extractor = FAISSDataExtractor(extract_config=cfg, generator=generator, output_dir=args.output_dir,
                                    progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        path = extractor.create_training_dataset(restart=args.restart)
-    except MemChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished chunks are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    path = extractor.create_training_dataset(restart=args.restart)
 
     r = extractor.report
     run, overall = r.stats["run"], r.stats["overall"]
