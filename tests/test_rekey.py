@@ -23,6 +23,7 @@ from memchat.errors import StoreError, WrongKeyError
 from memchat.store import EncryptedStore, StoreState
 
 REPO = Path(__file__).resolve().parents[1]
+QA_PDFS = sorted((REPO.parent / "shared" / "data" / "qa_dev" / "pdfs").glob("*.pdf"))
 OLD_PASS, NEW_PASS = "old passphrase, long enough", "new passphrase, longer still"
 DOCS = {"documents": {"a.pdf": {"name": "a.pdf", "version": 1, "pages": 1, "chunks": 1, "added": 1.7e9}}}
 
@@ -335,7 +336,10 @@ def test_kdf_json_bounds_and_malformed_are_one_line(monkeypatch, capsys, content
 
 
 def test_list_warns_once_when_key_sits_beside_data(monkeypatch, capsys):
-    make_store()
+    from memchat.knowledge import KnowledgeBase
+    from tests.fakes import FakeEmbedder
+
+    KnowledgeBase(embedder=FakeEmbedder()).add_documents(QA_PDFS[:1])  # `list` reads a real index
     assert run_main(monkeypatch, "list") == 0
     err = capsys.readouterr().err
     assert err.count("Warning: the key sits beside the data") == 1
