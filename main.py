@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ask.add_argument_group("retrieval")
     g.add_argument("--top-k", type=int, default=RAGConfig.top_k, help="chunks retrieved")
     g.add_argument("--embedding-model", default=EmbeddingConfig.model_name, help="must match the store's")
+    g = ask.add_argument_group("answering")
+    g.add_argument("--mode", choices=["auto", "extractive", "generative"], default=None,
+                   help="extractive: a span copied from the documents; generative: the model writes it, then it is "
+                        "checked against them; auto (default, or $MEMCHAT_ANSWER_MODE): extractive for small models")
     g = ask.add_argument_group("generation")
     g.add_argument("--model", default=GenerationConfig.model_name, help="instruct model (hub id or local folder)")
     g.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens, help="answer length cap")
@@ -245,19 +249,30 @@ def cmd_rekey(args) -> int:
 
 def cmd_ask(args) -> int:
     from memchat.config import GenerationConfig, RAGConfig
-    from memchat.rag import RAGPipeline
+    from memchat.llm_client import make_engine, server_url
+    from memchat.rag import ANSWERED, RAGPipeline
 
     kb = _kb(args)
     kb.store.read()  # fail fast (no store, wrong key) before loading any model
-    from memchat.llm_client import make_engine
-
-    rag = RAGPipeline(kb, make_engine(args.model, args.llm_server, llm_model=args.llm_model), rag=RAGConfig(top_k=args.top_k),
+    cfg = RAGConfig(top_k=args.top_k)
+    if args.mode:
+        cfg.mode = args.mode
+    # In-process models load only if the answer mode needs one (extractive answers need none).
+    engine = make_engine(args.model, args.llm_server, llm_model=args.llm_model) if server_url(args.llm_server) else None
+    rag = RAGPipeline(kb, engine, rag=cfg,
                       generation=GenerationConfig(model_name=args.model, max_new_tokens=args.max_new_tokens))
-    rag.generator  # load now: its fallback notice (if any) is logged before the answer starts
+    mode = rag.resolved_mode()
+    if mode == "generative":
+        rag.generator  # load now: its fallback notice (if any) is logged before the answer starts
     pieces, answer = rag.stream(args.question)
     for piece in pieces:
-        print(piece, end="", flush=True)
+        if mode == "extractive":
+            print(piece, end="", flush=True)
+    if mode == "generative":
+        print(answer.text, end="")
     print()
+    if answer.status != ANSWERED and answer.draft:
+        print(f"(The model's draft was not supported by the documents: {answer.draft!r})", file=sys.stderr)
     if answer.evidence_line:
         print("\n" + answer.evidence_line)
     if answer.hits:

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens, help="answer length cap, every system")
     e.add_argument("--batch-size", type=int, default=EvalConfig.batch_size,
                    help="questions per generate call; 1 times each answer alone (true latency)")
+    e.add_argument("--rag-mode", choices=["auto", "extractive", "generative"], default=None,
+                   help="RAG answer mode (default $MEMCHAT_ANSWER_MODE or auto; see memchat/rag.py)")
+    e.add_argument("--unanswerable", action="store_true",
+                   help="the questions' answers are NOT in the store: measure abstention (ask a store without their PDFs)")
     e.add_argument("--limit", type=int, default=0, help="only the first N questions (0 = all)")
     e.add_argument("--out", help="output path without extension (default eval_results/<questions>-<time>)")
     return p
@@ -116,8 +120,9 @@ def cmd_eval(args) -> int:
 
     cfg = EvalConfig(systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), top_k=args.top_k,
                      max_new_tokens=args.max_new_tokens, rag_max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, hybrid_strategy=args.hybrid_strategy, limit=args.limit)
-    questions = load_questions(args.eval, cfg.limit)
+                     batch_size=args.batch_size, hybrid_strategy=args.hybrid_strategy, limit=args.limit,
+                     rag_mode=args.rag_mode, unanswerable=args.unanswerable)
+    questions = load_questions(args.eval, cfg.limit, unanswerable=cfg.unanswerable)
     print(f"eval: {len(questions)} questions from {args.eval}; systems {','.join(cfg.systems)}; top_k {cfg.top_k}; "
           f"max_new_tokens {cfg.max_new_tokens}; batch {cfg.batch_size}; hybrid {cfg.hybrid_strategy}; "
           f"rag model {args.rag_model}; fine-tuned {args.model_dir}", file=sys.stderr)

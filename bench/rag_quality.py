@@ -1,13 +1,23 @@
-"""RAG answer quality on ../shared/data/qa_dev, side by side with the simplest RAG.
+"""RAG answer quality: the previous pipeline (baseline) vs extractive, generative + verification and auto.
 
-    .venv/bin/python bench/rag_quality.py [--limit N] [--model NAME]
+    .venv/bin/python bench/rag_quality.py [--sets squad2,covid] [--limit N] [--generative-limit N]
 
-Ingests the four qa_dev PDFs into a temporary store, then for each question prints:
-  - doc hit@3: the gold document among the top-3 retrieved chunks;
-  - for Mem_Chat's RAG (evidence sentences -> short answer + evidence line) and for a
-    baseline "top-3 chunks pasted into the prompt" with the same two models:
-    contains-gold of the answer alone and of what the user sees (answer + evidence),
-    exact match and token F1 of the answer alone, and seconds per question.
+For each dev set the PDFs go into a temporary store. Every row answers the set's
+questions (answerable) and then the *other* set's questions asked of this store
+(unanswerable: their documents are not in it), through ``memchat.evaluate`` so the
+figures are the same ones ``test_finetuned_model.py --eval`` reports:
+
+  baseline        the previous pipeline: dense retrieval only, the model writes the
+                  answer, shown as is (no verification, no abstention)
+  extractive      hybrid retrieval, the answer is a span picked by the reader
+  generative+verify  hybrid retrieval, the model writes, the evidence must support it
+  auto            the default: extractive for the bundled model, generative above 1B
+
+Columns: passage recall@4 (gold answer inside the 4 retrieved chunks), contains,
+F1, EM, wrong-and-confident (answered with F1 < 0.2), abstention on answerable and
+on unanswerable questions, p50/p95 seconds per question (one at a time, models
+loaded). Rows that generate are slow on CPU: ``--generative-limit`` caps their
+questions (the table says how many each row used).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -22,79 +33,84 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-QA = REPO.parent / "shared" / "data" / "qa_dev"
+DATA = REPO.parent / "shared" / "data"
+SETS = {"qa_dev": DATA / "qa_dev", "squad2": DATA / "qa_dev_squad2", "covid": DATA / "qa_dev_covid"}
+OTHER = {"squad2": "covid", "covid": "squad2", "qa_dev": "covid"}
+
+
+def sample(questions, n, seed=0):
+    if not n or n >= len(questions):
+        return list(questions)
+    rng = random.Random(seed)
+    return sorted(rng.sample(list(questions), n), key=lambda q: questions.index(q))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit", type=int, default=0, help="first N questions only (0 = all 49)")
+    p.add_argument("--sets", default="squad2,covid", help="comma-separated: qa_dev, squad2, covid")
+    p.add_argument("--rows", default="baseline,extractive,generative+verify,auto", help="rows to run")
+    p.add_argument("--limit", type=int, default=0, help="questions per set for the extractive/auto rows (0 = all)")
+    p.add_argument("--generative-limit", type=int, default=40, help="questions per set for rows that generate")
+    p.add_argument("--unanswerable-limit", type=int, default=60, help="unanswerable questions per set (0 = all)")
     p.add_argument("--model", default="Qwen/Qwen2.5-1.5B-Instruct", help="generation model (falls back to bundled)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
-    p.add_argument("--out", default="", help="write per-question results as JSON here")
+    p.add_argument("--out", default="", help="write every report as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["MEMCHAT_HOME"] = tempfile.mkdtemp(prefix="memchat-quality-")
+    import logging
 
-    from memchat.config import GenerationConfig
-    from memchat.evaluate import contains_gold, exact_match, token_f1
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    from memchat.config import GenerationConfig, RAGConfig
+    from memchat.evaluate import EvalConfig, RAGSystem, evaluate, load_questions
     from memchat.generation import Generator
     from memchat.knowledge import KnowledgeBase
-    from memchat.rag import SYSTEM_PROMPT, RAGPipeline
+    from memchat.rag import RAGPipeline
 
-    qs = [json.loads(line) for line in (QA / "qa.jsonl").read_text().splitlines() if line.strip()]
-    if args.limit:
-        qs = qs[: args.limit]
-    kb = KnowledgeBase()
-    t0 = time.perf_counter()
-    kb.add_documents(sorted((QA / "pdfs").glob("*.pdf")))
-    print(f"ingested 4 PDFs in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks)")
-    gen = Generator(args.model)
-    rag = RAGPipeline(kb, gen, generation=GenerationConfig(model_name=args.model))
+    generator = Generator(args.model)
+    row_names = args.rows.split(",")
+    table = []
+    reports = {}
+    for name in args.sets.split(","):
+        home = Path(tempfile.mkdtemp(prefix=f"memchat-rq-{name}-"))
+        kb = KnowledgeBase(home / "store")
+        t0 = time.perf_counter()
+        kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
+        print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks)", file=sys.stderr)
+        answerable = load_questions(SETS[name] / "qa.jsonl")
+        unanswerable = sample(load_questions(SETS[OTHER[name]] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
+        for row in row_names:
+            cfg = RAGConfig()
+            mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
+                    "auto": "auto"}[row]
+            if row == "baseline":
+                cfg.retrieval, cfg.min_coverage, cfg.min_support = "dense", 0.0, 0.0
+            rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
+                              mode=mode)
+            generates = rag.resolved_mode() == "generative"
+            n = args.generative_limit if generates else args.limit
+            qs = sample(answerable, n) + sample(unanswerable, min(n, len(unanswerable)) if n else 0)
+            rep = evaluate(qs, [RAGSystem(rag)], EvalConfig(systems=("rag",), top_k=cfg.top_k),
+                           questions_file=f"{name}:{row}")
+            m = rep.systems["rag"]["metrics"]
+            reports[f"{name}:{row}"] = rep.to_dict()
+            table.append((name, row, m))
+            print(f"  {row}: done ({rep.seconds:.0f} s)", file=sys.stderr)
 
-    # Mem_Chat
-    t0 = time.perf_counter()
-    answers = rag.answer_many([q["question"] for q in qs], batch_size=args.batch_size)
-    t_mem = (time.perf_counter() - t0) / len(qs)
-
-    # Baseline: top-3 chunks pasted into the prompt, same models
-    t0 = time.perf_counter()
-    base_msgs = []
-    for q in qs:
-        hits = kb.search(q["question"], 3)
-        ctx = "\n\n".join(h.text for h in hits)
-        base_msgs.append([{"role": "system", "content": SYSTEM_PROMPT},
-                          {"role": "user", "content": f"Context:\n{ctx}\n\nQuestion: {q['question']}\nAnswer:"}])
-    base = gen.generate(base_msgs, max_new_tokens=rag.gen_cfg.max_new_tokens, batch_size=args.batch_size,
-                        repetition_penalty=rag.gen_cfg.repetition_penalty)
-    t_base = (time.perf_counter() - t0) / len(qs)
-
-    rows = []
-    for q, a, b in zip(qs, answers, base):
-        golds = q["answers"]
-        rows.append({
-            "id": q["id"], "question": q["question"], "gold": golds,
-            "doc_hit3": float(q["doc"] in [h.document for h in a.hits[:3]]),
-            "answer": a.text, "evidence": a.evidence[0].sentence if a.evidence else "",
-            "mem_contains_answer": contains_gold(a.text, golds),
-            "mem_contains_shown": contains_gold(a.text + "\n" + a.evidence_line, golds),
-            "mem_evidence_contains": contains_gold(a.evidence_line, golds),
-            "mem_em": exact_match(a.text, golds), "mem_f1": token_f1(a.text, golds),
-            "base_answer": b.text,
-            "base_contains": contains_gold(b.text, golds),
-            "base_em": exact_match(b.text, golds), "base_f1": token_f1(b.text, golds),
-        })
-    n = len(rows)
-    mean = lambda k: sum(r[k] for r in rows) / n  # noqa: E731
-    print(f"\nmodel: {gen.resolved.display_name}   questions: {n}")
-    print(f"retrieval: gold document in top-3 = {mean('doc_hit3'):.1%}")
-    print(f"{'system':<34}{'contains':>10}{'EM':>8}{'F1':>8}{'s/question':>12}")
-    print(f"{'baseline (top-3 chunks pasted)':<34}{mean('base_contains'):>10.1%}{mean('base_em'):>8.1%}{mean('base_f1'):>8.2f}{t_base:>12.2f}")
-    print(f"{'Mem_Chat answer alone':<34}{mean('mem_contains_answer'):>10.1%}{mean('mem_em'):>8.1%}{mean('mem_f1'):>8.2f}{t_mem:>12.2f}")
-    print(f"{'Mem_Chat evidence line alone':<34}{mean('mem_evidence_contains'):>10.1%}")
-    print(f"{'Mem_Chat as shown (answer+evidence)':<34}{mean('mem_contains_shown'):>10.1%}")
-    print(f"ratio shown/baseline contains: {mean('mem_contains_shown') / max(mean('base_contains'), 1e-9):.2f}x")
+    head = ["set", "row", "n (ans/unans)", "passage@4", "contains", "F1", "EM", "wrong+conf", "abstain (ans)",
+            "abstain (unans)", "p50 s", "p95 s"]
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = [head]
+    for name, row, m in table:
+        lines.append([name, row, f"{m['questions'] - m['unanswerable_questions']}/{m['unanswerable_questions']}",
+                      pct(m["passage_recall"]), pct(m["contains"]), pct(m["f1"]), pct(m["exact_match"]),
+                      pct(m["wrong_and_confident"]), pct(m["abstention_rate"]), pct(m["unanswerable_abstained"]),
+                      f"{m['latency_p50_s']:.2f}", f"{m['latency_p95_s']:.2f}"])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    print(f"\nmodel: {generator.resolved.display_name}; latency per question, one at a time, models loaded")
+    for r in lines:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        Path(args.out).write_text(json.dumps(reports, indent=1, ensure_ascii=False, default=str))
     return 0
 
 

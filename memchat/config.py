@@ -72,6 +72,74 @@ class ChunkConfig:
     min_chunk_chars: int = 20  # shorter leftovers are noise (page numbers, running heads)
 
 
+def _env_int(var: str, default: int) -> int:
+    """An integer setting from the environment: digits, "_" allowed, optional k/M/G (x 10^3/6/9)."""
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(raw[-1].lower(), 1)
+    digits = raw[:-1] if scale > 1 else raw
+    try:
+        value = int(digits.replace("_", "")) * scale
+    except ValueError:
+        value = -1
+    if value <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{var}={raw!r} is not a positive whole number (e.g. {default:_}, or 5M); fix or unset it")
+    return value
+
+
+def _env_flag(var: str, default: bool) -> bool:
+    raw = os.environ.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    from .errors import ConfigError
+
+    raise ConfigError(f"{var}={raw!r} is not a yes/no value; use 1 or 0")
+
+
+@dataclass
+class IngestConfig:
+    """Caps on what one document may cost, and OCR. Each cap has an env override (MEMCHAT_MAX_...).
+
+    A file over a cap is refused with one line naming the variable to raise; the other files
+    of the batch still go in. The caps are checked as extraction goes, so a file that
+    decompresses into millions of characters stops at the cap instead of being read whole.
+    """
+
+    # Streamlit's own default upload cap (200 MB) and the app's (ui sets maxUploadSize from this):
+    # a file is held in memory whole while it is read. Scanned books are the big ones (~0.5 MB/page).
+    max_file_bytes: int = field(default_factory=lambda: _env_int("MEMCHAT_MAX_FILE_BYTES", 200 * 2**20))
+    # R's full reference manual, the longest document in sight, has 2,415 pages; twice that is
+    # still a real book, while a page tree of 10^5 tiny pages is an attack on the CPU.
+    max_pages: int = field(default_factory=lambda: _env_int("MEMCHAT_MAX_PAGES", 5_000))
+    # Extracted characters (before cleaning). freeculture.pdf (352 pages) is ~0.7 M; 5 M is a
+    # ~2,500-page book, ~6,500 chunks, a few minutes of embedding on 2 cores. A 10 KB PDF whose
+    # pages share one 2 MB content stream expands to 33 M characters (issue 10): stopped here.
+    max_chars: int = field(default_factory=lambda: _env_int("MEMCHAT_MAX_CHARS", 5_000_000))
+    # Chunks per document: 5 M characters at the default chunk size give ~6,500; 20,000 leaves
+    # room for a smaller chunk_size while bounding embedding to ~10 minutes on 2 cores.
+    max_chunks: int = field(default_factory=lambda: _env_int("MEMCHAT_MAX_CHUNKS", 20_000))
+
+    # OCR of pages without a text layer (memchat.ocr: RapidOCR on ONNX Runtime, offline).
+    # On by default: a scanned PDF is otherwise refused. MEMCHAT_OCR=0 or `main.py add --no-ocr` turns it off.
+    ocr: bool = field(default_factory=lambda: _env_flag("MEMCHAT_OCR", True))
+    # A text layer with fewer non-space characters than this counts as none (a scanner's stamp,
+    # a lone page number); such a page is rendered and, unless blank, read by OCR.
+    ocr_min_chars: int = 16
+    # Render resolution for OCR: 200 dpi puts 10-12 pt body text at ~30 px high, where the
+    # recogniser is accurate; 300 dpi costs ~2x the time for no gain on the test pages (bench/ocr.py).
+    ocr_dpi: int = 200
+    # OCR runs at several seconds per page on 2 cores: 300 pages is an hour, a scanned book;
+    # beyond that a PDF of one image repeated on every page would hold the CPU for a day.
+    max_ocr_pages: int = field(default_factory=lambda: _env_int("MEMCHAT_MAX_OCR_PAGES", 300))
+
+
 @dataclass
 class EmbeddingConfig:
     model_name: str = DEFAULT_EMBEDDING_MODEL
@@ -101,11 +169,36 @@ class GenerationConfig:
     repetition_penalty: float = 1.1  # small models loop without it
 
 
+ANSWER_MODES = ("auto", "extractive", "generative")
+
+
 @dataclass
 class RAGConfig:
     top_k: int = 4  # chunks retrieved
     evidence_sentences: int = 4  # best sentences from those chunks handed to the model
     max_context_chars: int = 1800  # keeps the prompt short: fast prefill, focused small models
+    # "hybrid": BM25 + dense fused by reciprocal rank. On the dev sets' long papers (qa_dev_covid) the gold
+    # answer is inside the top-4 chunks for 81.0% of questions vs 70.5% dense-only (bench/rag_quality.py).
+    retrieval: str = "hybrid"
+    # "auto": extractive for small models (below auto_generative_params), generative + verification above.
+    # MEMCHAT_ANSWER_MODE overrides it; main.py ask --mode and the app's control set it per question.
+    mode: str = field(default_factory=lambda: os.environ.get("MEMCHAT_ANSWER_MODE", "auto"))
+    auto_generative_params: float = 1.0e9  # instruct models this size and up (Qwen2.5-1.5B) write grounded answers
+    reader_sentences: int = 3  # evidence sentences the extractive reader takes spans from (gold is in the top 3 ~90%)
+    # Abstention: answer only when the best evidence covers enough of the question's idf-weighted content words.
+    # Unrelated questions share few rare words with any passage; see rag.coverage and bench/rag_quality.py.
+    min_coverage: float = 0.35
+    # Generative answers: share of their added content words found in the evidence, below which the answer is
+    # not shown as fact (rag.verify).
+    min_support: float = 0.6
+
+
+@dataclass
+class ReaderConfig:
+    # Linear weights over reader.FEATURES, fitted by `bench/fit_reader.py --train squad2` (conditional logit on
+    # qa_dev_squad2's questions, L2 0.01) and checked on qa_dev and qa_dev_covid, which it never saw.
+    weights: tuple = (10.0, 0.0, 1.0, -1.0, 4.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    lm_rerank: int = 0  # best N candidates also scored by the LM (0 = off: see bench/fit_reader.py --lm-rerank)
 
 
 @dataclass
@@ -162,6 +255,9 @@ class ExtractConfig:
     include_restatements: bool = True  # (d) wh/cloze/about/fact-list items from the sentences, no generator needed
     restatement_spans_per_sentence: int = 2  # answer spans asked about per sentence (each gives a wh + a cloze item)
     fact_lists: bool = True  # "List the facts about X" for names in two or more sentences of a chunk
+    # False: no generator at all (documents + restatements only): minutes instead of hours on a
+    # CPU, but no generated questions, so no validation families either.
+    generate_questions: bool = True
     encrypt: bool = False  # training_data/ as Fernet tokens with the store's key (opt-in: trainers elsewhere need plain)
     near_duplicate_threshold: float = 0.92  # cosine above which two questions count as one
     variation_duplicate_threshold: float = 0.97  # a paraphrase this close to its source or sibling adds nothing
@@ -225,40 +321,6 @@ class RunOptions:
     # torch.compile the model: fewer, fused kernels. Small models at batch 4 spend most of a
     # GPU step launching kernels, not computing; compiling costs about a minute up front.
     compile: bool = False
-
-
-LLM_SERVER_ENV = "MEMCHAT_LLM_SERVER"  # base URL of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama)
-LLM_API_KEY_ENV = "MEMCHAT_LLM_API_KEY"  # its bearer key, if it wants one (never in a config object)
-API_KEY_ENV = "MEMCHAT_API_KEY"  # the key clients of `main.py serve` must send
-
-
-@dataclass
-class LLMServerConfig:
-    """Generation on an external OpenAI-compatible engine instead of in-process."""
-
-    url: str | None = None  # e.g. http://127.0.0.1:8000/v1; None = in-process transformers
-    model: str | None = None  # served model name; None = the first one the server lists
-    # Requests in flight at once. vLLM batches whatever is in flight (continuous batching), so
-    # more is faster up to its max_num_seqs (256); llama-server serves -np slots and queues the rest.
-    concurrency: int = 16
-    timeout_s: float = 600.0  # one request: a CPU llama-server writing 256 tokens of a 1.5B model takes minutes
-    retries: int = 2  # connection errors and 429/5xx retried this often (1 s, 2 s backoff), then a clear error
-
-
-@dataclass
-class ServeConfig:
-    """`python main.py serve`: the OpenAI-compatible API."""
-
-    host: str = "127.0.0.1"  # loopback: the documents are reachable from this machine only unless asked
-    port: int = 8000  # what vLLM, llama-server and most OpenAI-compatible servers use
-    # Non-streamed requests that arrive within batch_window_ms of each other share one batched
-    # generate call (up to max_batch): on CPU 4 prompts in one call cost ~1.5x one prompt, not 4x.
-    max_batch: int = 8
-    batch_window_ms: float = 15.0  # << one answer's seconds; long enough for concurrent requests to meet
-    max_upload_bytes: int = 50 * 1024 * 1024  # per upload request; a 300-page text PDF is a few MB
-    max_request_bytes: int = 1024 * 1024  # a chat request body; prompts past this are a mistake or an attack
-
-
 
 
 LLM_SERVER_ENV = "MEMCHAT_LLM_SERVER"  # base URL of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama)

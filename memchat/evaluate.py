@@ -8,6 +8,14 @@ One run answers every question with every system and reports, per system:
              (generative models answer in sentences: EM undercounts them)
   hit@k      the gold document is among the k retrieved (systems that retrieve,
              questions whose file names a ``doc``)
+  passage    passage recall@k: a gold answer is inside the k retrieved chunks' text
+  evidence   evidence recall: a gold answer is inside the passage shown as evidence
+             (the best sentence with its neighbours)
+  abstain    share of questions where the system said it does not know (or that the
+             documents do not answer clearly) instead of answering
+  wrong+conf wrong and confident: answered (not abstained) with token F1 < 0.2
+  unans.     on questions marked unanswerable (their answer is not in the store):
+             the share abstained on, which is what a system should do there
   MC acc     multiple choice by answer log-likelihood, no sampling (Ovadia et al.
              2023, "Fine-Tuning or Retrieval?"): for questions with ``options``, the
              option the system's model finds most likely after its own prompt
@@ -63,6 +71,8 @@ class EvalConfig:
     batch_size: int = 1  # 1 = true per-question latency; >1 = faster runs, amortised latency
     hybrid_strategy: str = "verify"  # memchat.hybrid's default, chosen by this very evaluation
     limit: int = 0  # 0 = every question; else the first N (quick trials)
+    rag_mode: str | None = None  # RAG answer mode (auto/extractive/generative); None = RAGConfig's
+    unanswerable: bool = False  # every question is asked of a store that lacks its answer (abstention test)
 
 
 # ---------------------------------------------------------------------------
@@ -103,6 +113,9 @@ def contains_gold(prediction: str, golds: Sequence[str]) -> float:
     return float(any(g and f" {g} " in pred for g in map(normalize_answer, golds)))
 
 
+WRONG_F1 = 0.2  # an answer with token F1 below this shares almost nothing with any gold answer
+
+
 def hit_at_k(retrieved_documents: Sequence[str], gold_document: str, k: int) -> float:
     return float(gold_document in list(retrieved_documents)[:k])
 
@@ -137,9 +150,10 @@ class Question:
     answers: list[str]
     doc: str | None = None
     options: list[str] | None = None
+    unanswerable: bool = False  # the store lacks the answer: the right response is to abstain
 
 
-def load_questions(path: str | Path, limit: int = 0) -> list[Question]:
+def load_questions(path: str | Path, limit: int = 0, unanswerable: bool = False) -> list[Question]:
     """A JSONL question file, or the extraction's dataset JSON (validation split)."""
     path = Path(path)
     if not path.is_file():
@@ -152,6 +166,9 @@ def load_questions(path: str | Path, limit: int = 0) -> list[Question]:
         questions = _from_jsonl(text, path)
     if not questions:
         raise DatasetError(f"{path} holds no questions.")
+    if unanswerable:
+        for q in questions:
+            q.unanswerable = True
     return questions[:limit] if limit else questions
 
 
@@ -176,7 +193,10 @@ def _from_jsonl(text: str, path: Path) -> list[Question]:
             raise DatasetError(f'{path}, line {number}: needs a "question" string.')
         answers = row.get("answers", row.get("answer"))
         answers = [answers] if isinstance(answers, str) else answers
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        unanswerable = bool(row.get("unanswerable", False))
+        if unanswerable and not answers:
+            answers = []
+        elif not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise DatasetError(f'{path}, line {number}: needs "answers", a non-empty list of strings.')
         options = row.get("options")
         if options is not None and (not isinstance(options, list) or len(options) < 2
@@ -184,7 +204,8 @@ def _from_jsonl(text: str, path: Path) -> list[Question]:
             raise DatasetError(f'{path}, line {number}: "options" must be a list of at least 2 strings.')
         if options is not None and gold_option(options, answers) is None:
             raise DatasetError(f'{path}, line {number}: none of the "options" is one of the "answers".')
-        out.append(Question(str(row.get("id", number)), row["question"].strip(), answers, row.get("doc"), options))
+        out.append(Question(str(row.get("id", number)), row["question"].strip(), answers, row.get("doc"), options,
+                            unanswerable))
     return out
 
 
@@ -220,6 +241,9 @@ class Prediction:
     citations: list[str] = field(default_factory=list)
     route: str | None = None  # hybrid: what produced the text
     draft: str | None = None  # hybrid: the fine-tuned model's draft
+    abstained: bool = False  # the system said it does not know instead of answering
+    passages: list[str] | None = None  # retrieved chunks' text (passage recall); None = no retrieval
+    evidence: str | None = None  # the passage shown as evidence
 
 
 class System:
@@ -258,8 +282,10 @@ class ChatSystem(System):
 
 
 def _from_answer(a) -> Prediction:
+    best = a.evidence[0].sentence if a.evidence else None
     return Prediction(a.text, a.seconds, [h.document for h in a.hits], a.citations, getattr(a, "route", None) or None,
-                      getattr(a, "draft", None) or None)
+                      getattr(a, "draft", None) or None, abstained=bool(getattr(a, "abstained", False)),
+                      passages=[h.text for h in a.hits], evidence=getattr(a, "passage", "") or best)
 
 
 class RAGSystem(System):
@@ -331,13 +357,28 @@ def score_system(system: System, questions: Sequence[Question], preds: Sequence[
     rows = []
     n_mc = sum(1 for q in questions if q.options) if with_mc else 0
     em, f1, cont, hits, mc, secs, words = [], [], [], [], [], [], []
+    passage, evidence, abstain, wrong, unans = [], [], [], [], []
     for q, p in zip(questions, preds):
-        row = {"text": p.text, "seconds": round(p.seconds, 4)}
+        row = {"text": p.text, "seconds": round(p.seconds, 4), "abstained": p.abstained}
+        secs.append(p.seconds)
+        if q.unanswerable:  # no gold in the store: only whether it abstained counts
+            unans.append(float(p.abstained))
+            rows.append(row)
+            continue
         row["em"] = exact_match(p.text, q.answers)
         row["f1"] = round(token_f1(p.text, q.answers), 4)
         row["contains"] = contains_gold(p.text, q.answers)
-        em.append(row["em"]), f1.append(row["f1"]), cont.append(row["contains"]), secs.append(p.seconds)
-        words.append(len(p.text.split()))
+        em.append(row["em"]), f1.append(row["f1"]), cont.append(row["contains"])
+        abstain.append(float(p.abstained))
+        wrong.append(float(not p.abstained and row["f1"] < WRONG_F1))
+        if not p.abstained:
+            words.append(len(p.text.split()))
+        if p.passages is not None:
+            row["passage_recall"] = contains_gold(" ".join(p.passages), q.answers)
+            passage.append(row["passage_recall"])
+        if p.evidence is not None:
+            row["evidence_recall"] = contains_gold(p.evidence, q.answers)
+            evidence.append(row["evidence_recall"])
         if p.documents is not None:
             row["documents"] = p.documents
             row["citations"] = p.citations
@@ -360,6 +401,7 @@ def score_system(system: System, questions: Sequence[Question], preds: Sequence[
         rows.append(row)
     metrics = {
         "questions": len(rows),
+        "unanswerable_questions": len(unans),
         "exact_match": _mean(em),
         "f1": _mean(f1),
         "contains": _mean(cont),
@@ -370,6 +412,11 @@ def score_system(system: System, questions: Sequence[Question], preds: Sequence[
         "latency_p50_s": percentile(secs, 50),
         "latency_p95_s": percentile(secs, 95),
         "mean_answer_words": _mean(words),
+        "passage_recall": _mean(passage) if system.retrieves else None,
+        "evidence_recall": _mean(evidence) if system.retrieves else None,
+        "abstention_rate": _mean(abstain),
+        "wrong_and_confident": _mean(wrong),
+        "unanswerable_abstained": _mean(unans),
     }
     if any(p.route for p in preds):
         metrics["routes"] = dict(Counter(p.route for p in preds if p.route))
@@ -415,20 +462,26 @@ class Report:
 
     def table(self) -> str:
         k = self.cfg.top_k
-        head = ["system", "model", "EM", "F1", "contains", f"hit@{k}", "MC acc", "p50 s", "p95 s", "words"]
+        head = ["system", "model", "EM", "F1", "contains", f"hit@{k}", f"passage@{k}", "evidence", "abstain",
+                "wrong+conf", "unans. abst.", "MC acc", "p50 s", "p95 s", "words"]
         lines = []
         for name, s in self.systems.items():
             m = s["metrics"]
             lines.append([name, _short(s["model"], 44), _pct(m["exact_match"]), _pct(m["f1"]), _pct(m["contains"]),
-                          _pct(m["hit_at_k"]), _pct(m["mc_accuracy"]), _secs(m["latency_p50_s"]),
+                          _pct(m["hit_at_k"]), _pct(m.get("passage_recall")), _pct(m.get("evidence_recall")),
+                          _pct(m.get("abstention_rate")), _pct(m.get("wrong_and_confident")),
+                          _pct(m.get("unanswerable_abstained")), _pct(m["mc_accuracy"]), _secs(m["latency_p50_s"]),
                           _secs(m["latency_p95_s"]), f"{m['mean_answer_words']:.1f}" if m["mean_answer_words"] is not None else "-"])
         widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
         n = len(self.questions)
         n_doc = sum(1 for q in self.questions if q.doc)
         n_mc = sum(1 for q in self.questions if q.options)
-        foot = (f"{n} questions ({n_doc} with a gold document, {n_mc} with options); latency {self.latency_label}; "
-                f"hit@{k} only for systems that retrieve; MC acc only for questions with options.")
+        n_un = sum(1 for q in self.questions if q.unanswerable)
+        foot = (f"{n} questions ({n_doc} with a gold document, {n_mc} with options, {n_un} unanswerable); "
+                f"latency {self.latency_label}; hit@{k}, passage@{k} and evidence only for systems that retrieve; "
+                f"MC acc only for questions with options; wrong+conf = answered with F1 < {WRONG_F1}; "
+                "unans. abst. = abstained on the unanswerable questions.")
         return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines), "", foot])
 
     def save_json(self, path: str | Path) -> Path:
@@ -604,7 +657,10 @@ def build_systems(
         from .rag import RAGPipeline
 
         name = rag_model or GenerationConfig.model_name
-        rag = RAGPipeline(kb, generator(name), rag=RAGConfig(top_k=cfg.top_k),
+        rag_cfg = RAGConfig(top_k=cfg.top_k)
+        if cfg.rag_mode:
+            rag_cfg.mode = cfg.rag_mode
+        rag = RAGPipeline(kb, generator(name), rag=rag_cfg,
                           generation=GenerationConfig(model_name=name, max_new_tokens=cfg.rag_max_new_tokens))
     for s in cfg.systems:  # in the order asked
         if s == "base":

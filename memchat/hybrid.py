@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .knowledge import Hit
-from .rag import _NO_CONTEXT, Answer, Evidence, RAGPipeline, _content_words
+from .rag import _NO_CONTEXT, Answer, Evidence, RAGPipeline
+from .text import content_words as _content_words
 
 STRATEGIES = ("verify", "expand", "route")
 DEFAULT_STRATEGY = "verify"

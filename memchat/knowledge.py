@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from . import config
 from .config import ChunkConfig, EmbeddingConfig, IndexConfig
 from .errors import BadDocumentError, EmbeddingMismatchError, MemChatError, NoStoreError, StoreError
@@ -111,41 +113,50 @@ class KnowledgeBase:
         chunking: ChunkConfig | None = None,
         embedding: EmbeddingConfig | None = None,
         index: IndexConfig | None = None,
+        ingest: config.IngestConfig | None = None,
         embedder=None,
     ):
         self.store = EncryptedStore(directory)
         self.chunk_cfg = chunking or ChunkConfig()
         self.embed_cfg = embedding or EmbeddingConfig()
         self.index_cfg = index or IndexConfig()
+        self.ingest_cfg = ingest or config.IngestConfig()  # caps per document, OCR
         self._embedder = embedder
-        self._cache: tuple[tuple, StoreState, object] | None = None  # (files' signature, state, faiss index)
+        self._cache: _View | None = None  # the decrypted state while the store files are unchanged
 
     # -- state -------------------------------------------------------------
     def exists(self) -> bool:
         return self.store.exists()
 
     def state(self) -> StoreState:
-        return self.store.read()
+        return self._view().state
 
-    def _loaded(self):
-        """Latest state and its deserialised index, cached by generation."""
+    def _view(self) -> "_View":
+        """The latest state, its deserialised index and (lazily) its keyword index: one decrypt per store change.
+
+        A commit replaces the three files (new inode and mtime), so while their signature
+        is unchanged the decrypted state is reused: ``documents()``, ``search()`` and
+        ``embedding_spec()`` of one question share one read. Raises NoStoreError.
+        """
         from . import index as faiss_index
 
-        # A query must not decrypt the whole store: reuse the cached state while the three
-        # files are the same ones (a commit replaces them, changing inode and mtime).
         sig = self.store.signature()
-        if self._cache is not None and sig is not None and self._cache[0] == sig:
-            return self._cache[1], self._cache[2]
+        if self._cache is not None and sig is not None and self._cache.signature == sig:
+            return self._cache
         state = self.store.read()
         idx = faiss_index.deserialize(state.index_bytes)
         _check_consistent(state, idx, self.store.dir)
-        self._cache = (self.store.signature(), state, idx)
-        return state, idx
+        self._cache = _View(self.store.signature(), state, idx)
+        return self._cache
+
+    def _loaded(self):
+        view = self._view()
+        return view.state, view.index
 
     def documents(self) -> list[dict]:
         """Current documents (no model loaded): name, version, pages, chunks, sha256, added."""
         try:
-            state = self.store.read()
+            state = self._view().state
         except NoStoreError:
             return []
         docs = state.versions["documents"].values()
@@ -153,14 +164,18 @@ class KnowledgeBase:
 
     def chunks(self) -> list[dict]:
         """Every chunk's metadata (text, document, version, pages, id, hash), in id order."""
-        state = self.store.read()
+        state = self._view().state
         return [state.metadata["chunks"][k] for k in sorted(state.metadata["chunks"], key=int)]
 
     def embedding_spec(self) -> dict | None:
         try:
-            return self.store.read().metadata["embedding"]
+            return self._view().state.metadata["embedding"]
         except NoStoreError:
             return None
+
+    def attach_embedder(self, embedder) -> None:
+        """Use an already loaded embedder (an app's cached one) instead of loading another."""
+        self._embedder = embedder
 
     # -- embedding ---------------------------------------------------------
     def embedder(self):
@@ -183,18 +198,31 @@ class KnowledgeBase:
     def prepare(self, name: str, data: bytes, password: str | None = None, progress: ProgressFn | None = None) -> _Prepared:
         """Extract, chunk and embed one PDF (no lock held). Raises BadDocumentError."""
         from .chunking import chunk_pages
+        from .errors import LimitError
         from .pdf import extract_pdf
 
         t0 = time.perf_counter()
         if progress:
             progress(name, 0.05, "reading")
-        doc = extract_pdf(data, name, password=password)
-        chunks = chunk_pages(doc.pages, self.chunk_cfg.chunk_size, self.chunk_cfg.chunk_overlap, self.chunk_cfg.min_chunk_chars)
+
+        def on_page(done: int, total: int, stage: str) -> None:  # extraction is 0.05..0.3 of the bar
+            if progress:
+                progress(name, 0.05 + 0.25 * done / total, f"{stage} page {done}/{total}")
+
+        cap = self.ingest_cfg.max_chunks
+        doc = extract_pdf(data, name, password=password, limits=self.ingest_cfg, on_page=on_page)
+        chunks = chunk_pages(doc.pages, self.chunk_cfg.chunk_size, self.chunk_cfg.chunk_overlap, self.chunk_cfg.min_chunk_chars,
+                             max_chunks=cap)
+        if len(chunks) > cap:
+            raise LimitError(name, f"cuts into more than {cap:,} chunks, over the {cap:,} limit per document; "
+                             "raise MEMCHAT_MAX_CHUNKS if you trust it")
         if not chunks:
             raise BadDocumentError(name, "no text to index after extraction (scanned image? run OCR first, e.g. ocrmypdf)")
         if progress:
             progress(name, 0.3, f"embedding {len(chunks)} chunks")
-        vectors = self.embedder().encode([c.text for c in chunks])
+        # Embedded with the document's title (and heading, when the chunker found one): see search_text.
+        vectors = self.embedder().encode(
+            [search_text({"document": name, "text": c.text, "heading": getattr(c, "heading", None)}) for c in chunks])
         if progress:
             progress(name, 0.95, "saving")
         return _Prepared(name, doc.sha256, doc.num_pages, chunks, vectors, time.perf_counter() - t0)
@@ -340,20 +368,109 @@ class KnowledgeBase:
             return record
 
     # -- searching ---------------------------------------------------------
-    def search(self, query: str, k: int = 4) -> list[Hit]:
+    def search(self, query: str, k: int = 4, method: str = "hybrid") -> list[Hit]:
+        """The best ``k`` chunks for ``query``, best first; each Hit's score is its cosine to the query.
+
+        method: "dense" (FAISS over MiniLM vectors), "keyword" (BM25) or "hybrid" (both,
+        fused by reciprocal rank fusion over their top ``k * RRF_DEPTH``).
+        """
         from . import index as faiss_index
 
-        state, idx = self._loaded()
+        if method not in SEARCH_METHODS:
+            raise ValueError(f"method must be one of {SEARCH_METHODS}, not {method!r}")
+        view = self._view()
+        idx = view.index
         if idx.ntotal == 0:
             return []
-        qv = self.embedder().encode_query(query)
-        scores, ids = faiss_index.search(idx, qv, k, self.index_cfg.hnsw_ef_search)
-        return [self._hit(state, int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        qv = self.embedder().encode_query(query)  # normalised
+        depth = k if method == "dense" else k * RRF_DEPTH
+        dense: list[int] = []
+        cos: dict[int, float] = {}
+        if method != "keyword":
+            scores, ids = faiss_index.search(idx, qv, depth, self.index_cfg.hnsw_ef_search)
+            for s, i in zip(scores[0], ids[0]):
+                if i >= 0:
+                    dense.append(int(i))
+                    cos[int(i)] = float(s)
+        if method == "dense":
+            chosen = dense[:k]
+        else:
+            keyword = [cid for cid, _ in view.lexical().search(query, depth)]
+            chosen = rrf_fuse([dense, keyword], k) if method == "hybrid" else keyword[:k]
+            missing = [cid for cid in chosen if cid not in cos]
+            if missing:  # keyword-only hits: their cosine from the stored vectors, so scores mean one thing
+                vecs = np.vstack([idx.reconstruct(int(cid)) for cid in missing])
+                for cid, c in zip(missing, vecs @ np.asarray(qv, dtype=np.float32).reshape(-1)):
+                    cos[cid] = float(c)
+        return [self._hit(view.state, cid, cos[cid]) for cid in chosen]
+
+    def idf(self, word: str) -> float:
+        """BM25 idf of a stemmed content word in this store (rare words weigh more)."""
+        return self._view().lexical().idf(word)
 
     @staticmethod
     def _hit(state: StoreState, chunk_id: int, score: float) -> Hit:
         c = state.metadata["chunks"][str(chunk_id)]
         return Hit(score, chunk_id, c["document"], c["version"], c["page_start"], c["page_end"], c["text"])
+
+
+SEARCH_METHODS = ("hybrid", "dense", "keyword")
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): damps the weight of the very top ranks
+RRF_DEPTH = 5  # each ranking contributes its top k * 5 to the fusion: deep enough to rescue a rank-12 hit
+
+
+def rrf_fuse(rankings: Sequence[Sequence[int]], k: int) -> list[int]:
+    """Reciprocal rank fusion of rankings of ids: the best ``k`` by sum of 1 / (RRF_K + rank)."""
+    scores: dict[int, float] = {}
+    first_seen: dict[int, int] = {}
+    for ranking in rankings:
+        for rank, cid in enumerate(ranking):
+            scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
+            first_seen.setdefault(cid, len(first_seen))
+    return sorted(scores, key=lambda c: (-scores[c], first_seen[c]))[:k]
+
+
+@dataclass
+class _View:
+    """One decrypted store state and what is derived from it (rebuilt only when the files change)."""
+
+    signature: tuple
+    state: StoreState
+    index: object  # faiss index
+    _lexical: object = None
+
+    def lexical(self):
+        if self._lexical is None:
+            from .lexical import LexicalIndex
+
+            chunks = self.state.metadata["chunks"]
+            ids = sorted(chunks, key=int)
+            self._lexical = LexicalIndex([int(i) for i in ids], [search_text(chunks[i]) for i in ids])
+        return self._lexical
+
+
+def document_title(name: str) -> str:
+    """A readable title from a file name: "dev2_01_Amazon_rainforest.pdf" -> "Amazon rainforest"."""
+    import re
+
+    stem = Path(name).stem
+    words = [w for w in re.split(r"[_\-\s.]+", stem) if w]
+    while words and (any(ch.isdigit() for ch in words[0]) or len(words[0]) <= 2 and len(words) > 1):
+        words.pop(0)  # leading numbering such as "01", "dev2", "ch3"
+    return " ".join(words) or stem
+
+
+def search_text(chunk: dict) -> str:
+    """What retrieval sees of a chunk: its document's title, its nearest heading, then its text.
+
+    A chunk from the middle of a paper often never names the paper's subject; the title
+    puts it back (for the dense vector and for BM25). The chunk's text itself, which
+    answers and citations quote, is unchanged.
+    """
+    head = [document_title(chunk["document"])]
+    if chunk.get("heading"):
+        head.append(chunk["heading"])
+    return ". ".join(head) + "\n" + chunk["text"]
 
 
 def _check_model(spec: dict, model_name: str, directory: Path) -> None:

@@ -1,28 +1,47 @@
-"""Retrieve -> select evidence -> prompt -> answer, with citations (file, page).
+"""Retrieve -> select evidence -> answer (extractive or generative) or abstain, with citations (file, page).
 
-Small instruct models answer far better from a few focused sentences than from
-whole pasted chunks, so after retrieving the top-k chunks we rank their
-sentences against the question with the same embedding model (plus a small
-bonus for the chunk's own score and for shared words) and hand the model only
-the best few, in document order, each tagged with its citation. The best
-sentence is shown under the answer as the evidence, so a reader can check the
-answer against the document at a glance.
+Three answer modes (``config.RAGConfig.mode``, ``MEMCHAT_ANSWER_MODE``, ``main.py ask --mode``):
 
-Deliberately left out: how the model is loaded (``generation``/``models``) and
-the store (``knowledge``).
+  extractive  The answer is a span copied from the best evidence sentences
+              (``reader.ExtractiveReader``), so it can never state what the documents
+              do not say; it cites the page of the sentence it came from. No language
+              model is needed (fast; the default for small models).
+  generative  An instruct model writes the answer from the evidence sentences; the
+              answer is then *verified*: the words it adds beyond the question must be
+              found in the evidence (``verify``), else it is not shown as fact ("the
+              documents don't answer this clearly") and the closest passage is shown.
+  auto        (default) extractive for the bundled or small models (< 1B parameters),
+              generative + verification for larger ones (Qwen2.5-1.5B and up) and for an
+              external engine.
+
+In every mode the pipeline first asks whether the documents are about the question
+at all: ``coverage`` is the share of the question's idf-weighted content words that
+the best evidence passage contains. An unrelated question shares few rare words with
+any passage; below ``min_coverage`` the answer is "I don't know", with the best
+passage shown.
+
+Retrieval is hybrid (BM25 + dense, reciprocal rank fusion; ``knowledge``). The
+evidence sentences are ranked by the same embedding model plus idf-weighted word
+overlap and the chunk's own score; the best sentence and its neighbours form the
+passage shown under the answer.
+
+Deliberately left out: how models load (``generation``/``models``) and the store (``knowledge``).
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import GenerationConfig, RAGConfig
+from . import text as T
+from .config import ANSWER_MODES, GenerationConfig, RAGConfig, ReaderConfig
 from .knowledge import Hit, KnowledgeBase
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a careful assistant. Answer the question using only the numbered context. "
@@ -30,11 +49,10 @@ SYSTEM_PROMPT = (
     "If the context does not contain the answer, say: I don't know."
 )
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-_STOP = set(
-    "a an the of in on at to for from by with and or is are was were be been what which who whom whose when where "
-    "why how did does do that this these those it its as than into about after before during many much".split()
-)
+ANSWERED, UNSUPPORTED, NO_ANSWER, NO_DOCUMENTS = "answered", "unsupported", "no_answer", "no_documents"
+IDK_TEXT = "I don't know: the documents don't seem to answer this."
+UNSUPPORTED_TEXT = "The documents don't answer this clearly."
+_NO_CONTEXT = "The knowledge base has no documents yet. Add PDFs first."
 
 
 @dataclass
@@ -42,6 +60,7 @@ class Evidence:
     sentence: str
     score: float
     hit: Hit
+    position: int = 0  # index of the sentence in its chunk (for neighbouring windows)
 
     @property
     def citation(self) -> str:
@@ -51,16 +70,29 @@ class Evidence:
 @dataclass
 class Answer:
     question: str
-    text: str  # the model's answer alone
+    text: str  # the answer alone (a span, a generated answer, or the abstention line)
     hits: list[Hit]
     evidence: list[Evidence]
     model: str = ""
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    mode: str = ""  # "extractive" | "generative" (the mode that produced it)
+    status: str = ANSWERED  # ANSWERED | UNSUPPORTED (generative, failed verification) | NO_ANSWER | NO_DOCUMENTS
+    confidence: float = 0.0  # extractive: the span's share of the reader's probability; generative: support
+    coverage: float = 0.0  # idf-weighted share of the question's words in the best passage
+    passage: str = ""  # the best sentence with its neighbours: shown as the closest passage
+    draft: str = ""  # generative: the model's text before verification (kept for inspection)
+    source: Evidence | None = None  # the evidence sentence the answer came from
+
+    @property
+    def abstained(self) -> bool:
+        return self.status in (UNSUPPORTED, NO_ANSWER, NO_DOCUMENTS)
 
     @property
     def citations(self) -> list[str]:
         seen: dict[str, None] = {}
+        if self.source is not None:
+            seen.setdefault(self.source.citation, None)
         for e in self.evidence or []:
             seen.setdefault(e.citation, None)
         for h in self.hits:
@@ -69,13 +101,14 @@ class Answer:
 
     @property
     def evidence_line(self) -> str:
-        if not self.evidence:
+        best = self.source or (self.evidence[0] if self.evidence else None)
+        if best is None:
             return ""
-        best = self.evidence[0]
-        return f'Evidence: "{best.sentence}" ({best.citation})'
+        label = "Closest passage" if self.abstained else "Evidence"
+        return f'{label}: "{self.passage or best.sentence}" ({best.citation})'
 
     def render(self) -> str:
-        """Answer + evidence + sources, as the CLI prints it and the scorer reads it."""
+        """Answer + evidence + sources, as the CLI prints it."""
         parts = [self.text.strip()]
         if self.evidence_line:
             parts.append(self.evidence_line)
@@ -84,8 +117,32 @@ class Answer:
         return "\n\n".join(parts)
 
 
-def _content_words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1}
+def coverage(question: str, passage: str, idf) -> float:
+    """Share of the question's content words (weighted by idf) that ``passage`` contains, 0..1."""
+    qwords = T.content_words(question)
+    total = sum(idf(w) for w in qwords)
+    if total <= 0:
+        return 0.0
+    return sum(idf(w) for w in qwords & T.content_words(passage)) / total
+
+
+def support(answer: str, question: str, evidence: Sequence[str]) -> float:
+    """Share of the content words ``answer`` adds beyond the question that the evidence contains (0 if none added)."""
+    added = T.content_words(answer) - T.content_words(question)
+    if not added:
+        return 0.0  # an answer that only repeats the question says nothing the evidence could back
+    found: set[str] = set()
+    for s in evidence:
+        found |= T.content_words(s)
+    return len(added & found) / len(added)
+
+
+def model_parameters(generator) -> float | None:
+    """Parameter count of an in-process generator's model; None for an external engine."""
+    model = getattr(generator, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    return float(sum(p.numel() for p in model.parameters()))
 
 
 class RAGPipeline:
@@ -96,11 +153,18 @@ class RAGPipeline:
         *,
         rag: RAGConfig | None = None,
         generation: GenerationConfig | None = None,
+        reader: ReaderConfig | None = None,
+        mode: str | None = None,
     ):
         self.kb = kb
         self.cfg = rag or RAGConfig()
         self.gen_cfg = generation or GenerationConfig()
+        self.reader_cfg = reader or ReaderConfig()
         self._generator = generator
+        self._reader = None
+        self.mode = mode or self.cfg.mode
+        if self.mode not in ANSWER_MODES:
+            raise ValueError(f"mode must be one of {ANSWER_MODES}, not {self.mode!r}")
 
     @property
     def generator(self):
@@ -110,36 +174,68 @@ class RAGPipeline:
             self._generator = Generator(self.gen_cfg.model_name)
         return self._generator
 
+    def resolved_mode(self, mode: str | None = None) -> str:
+        """"extractive" or "generative" for ``mode`` (default: the pipeline's), resolving "auto".
+
+        auto: a bundled fallback is small by definition (decided without loading it);
+        otherwise the loaded model's size decides, and an external engine counts as large.
+        """
+        mode = mode or self.mode
+        if mode != "auto":
+            return mode
+        if self._generator is None:
+            from .models import resolve_model
+
+            if resolve_model(self.gen_cfg.model_name).source == "bundled":
+                return "extractive"
+        params = model_parameters(self.generator)
+        return "generative" if params is None or params >= self.cfg.auto_generative_params else "extractive"
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            from .reader import ExtractiveReader, SpanScorer
+
+            scorer = SpanScorer(self.generator) if self.reader_cfg.lm_rerank else None
+            self._reader = ExtractiveReader(self.kb.embedder(), self.reader_cfg.weights, idf=self.kb.idf,
+                                            scorer=scorer, lm_rerank=self.reader_cfg.lm_rerank)
+        return self._reader
+
     # -- retrieval -----------------------------------------------------------
     def retrieve(self, question: str, k: int | None = None) -> list[Hit]:
-        return self.kb.search(question, k or self.cfg.top_k)
+        return self.kb.search(question, k or self.cfg.top_k, method=self.cfg.retrieval)
 
     def select_evidence(self, question: str, hits: list[Hit]) -> list[Evidence]:
-        """Best sentences of the retrieved chunks, best first."""
+        """Sentences of the retrieved chunks, best first: embedding similarity, idf-weighted overlap, chunk score."""
         from .chunking import split_sentences
 
-        cands: list[tuple[str, Hit]] = []
+        cands: list[Evidence] = []
         seen: set[str] = set()
         for h in hits:
-            for s in split_sentences(h.text):
+            for pos, s in enumerate(split_sentences(h.text)):
                 s = " ".join(s.split())
                 if len(s) < 12 or s in seen:
                     continue
                 seen.add(s)
-                cands.append((s, h))
+                cands.append(Evidence(s, 0.0, h, pos))
         if not cands:
             return []
-        emb = self.kb.embedder()
-        vecs = emb.encode([question] + [s for s, _ in cands])  # (1 + n, dim), normalised
+        vecs = self.kb.embedder().encode([question] + [e.sentence for e in cands])  # (1 + n, dim), normalised
         cos = vecs[1:] @ vecs[0]
-        qwords = _content_words(question)
-        scores = []
-        for (s, h), c in zip(cands, cos):
-            overlap = len(qwords & _content_words(s)) / max(1, len(qwords))
-            # weights: sentence similarity dominates; the chunk's score and word overlap break ties
-            scores.append(float(c) + 0.3 * h.score + 0.25 * overlap)
-        order = np.argsort(scores)[::-1]
-        return [Evidence(cands[i][0], scores[i], cands[i][1]) for i in order]
+        for e, c in zip(cands, cos):
+            # sentence similarity dominates; rare shared words and the chunk's rank break ties
+            e.score = float(c) + 0.3 * e.hit.score + 0.5 * coverage(question, e.sentence, self.kb.idf)
+        order = np.argsort([-e.score for e in cands], kind="stable")
+        return [cands[i] for i in order]
+
+    def passage(self, ev: Evidence) -> str:
+        """The evidence sentence with its neighbours in its chunk (the window a reader checks)."""
+        from .chunking import split_sentences
+
+        sents = [" ".join(s.split()) for s in split_sentences(ev.hit.text)]
+        if ev.position >= len(sents) or sents[ev.position] != ev.sentence:
+            return ev.sentence
+        return " ".join(sents[max(0, ev.position - 1) : ev.position + 2])
 
     # -- prompting -----------------------------------------------------------
     def build_messages(self, question: str, evidence: list[Evidence]) -> list[dict]:
@@ -154,13 +250,15 @@ class RAGPipeline:
         user = f"Context:\n{context}\n\nQuestion: {question}\nAnswer:"
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
-    def _gen_kwargs(self) -> dict:
+    def gen_kwargs(self) -> dict:
         g = self.gen_cfg
         return dict(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, repetition_penalty=g.repetition_penalty
         )
 
-    # -- answering -----------------------------------------------------------
+    _gen_kwargs = gen_kwargs  # the name callers used before it was public
+
+    # -- the steps -----------------------------------------------------------
     def prepare(self, question: str) -> tuple[list[Hit], list[Evidence], list[dict], dict]:
         t0 = time.perf_counter()
         hits = self.retrieve(question)
@@ -169,44 +267,104 @@ class RAGPipeline:
         t2 = time.perf_counter()
         return hits, evidence, self.build_messages(question, evidence), {"retrieve_s": t1 - t0, "evidence_s": t2 - t1}
 
-    def answer(self, question: str) -> Answer:
-        t0 = time.perf_counter()
-        hits, evidence, messages, timings = self.prepare(question)
-        text = self.generator.generate([messages], **self._gen_kwargs())[0].text if hits else _NO_CONTEXT
-        return Answer(question, text.strip(), hits, evidence, self.generator.resolved.display_name if hits else "",
-                      time.perf_counter() - t0, timings)
+    def _start(self, question: str, hits: list[Hit], evidence: list[Evidence], timings: dict, mode: str) -> Answer:
+        """The answer so far: abstains when there are no documents or the passage is not about the question."""
+        a = Answer(question, "", hits, evidence, timings=timings, mode=mode)
+        if not hits:
+            a.status, a.text = NO_DOCUMENTS, _NO_CONTEXT
+            return a
+        if evidence:
+            a.passage = self.passage(evidence[0])
+            a.coverage = max(coverage(question, self.passage(e), self.kb.idf) for e in evidence[:3])
+        if not evidence or a.coverage < self.cfg.min_coverage:
+            a.status, a.text = NO_ANSWER, IDK_TEXT
+        return a
 
-    def answer_many(self, questions: list[str], batch_size: int = 8) -> list[Answer]:
-        """Batched: one generate call per batch of questions (for evaluation)."""
+    def _extract(self, a: Answer) -> Answer:
         t0 = time.perf_counter()
-        prepared = [self.prepare(q) for q in questions]
-        texts = self.generator.generate([m for _, _, m, _ in prepared], batch_size=batch_size, **self._gen_kwargs())
+        ev = a.evidence[: self.cfg.reader_sentences]
+        reading = self.reader.read(a.question, [e.sentence for e in ev], [e.score for e in ev])
+        a.timings["read_s"] = time.perf_counter() - t0
+        if not reading.answer:
+            a.status, a.text = NO_ANSWER, IDK_TEXT
+            return a
+        a.text, a.confidence = reading.answer, reading.confidence
+        a.source = ev[reading.sentence_index]
+        a.passage = self.passage(a.source)
+        a.model = "extractive reader"
+        return a
+
+    def verify(self, a: Answer, text: str) -> Answer:
+        """Show a generated ``text`` as the answer only if the evidence supports it."""
+        a.draft = text.strip()
+        sentences = [e.sentence for e in a.evidence[: self.cfg.evidence_sentences]]
+        a.confidence = support(a.draft, a.question, sentences)
+        unchecked = self.cfg.min_support <= 0  # verification off: the text is shown as written
+        if unchecked or (a.confidence >= self.cfg.min_support and "i don't know" not in a.draft.lower()):
+            a.text, a.status = a.draft, ANSWERED
+            added = T.content_words(a.draft) - T.content_words(a.question)
+            a.source = max(a.evidence[: self.cfg.evidence_sentences],
+                           key=lambda e: len(added & T.content_words(e.sentence)), default=None)
+            if a.source is not None:
+                a.passage = self.passage(a.source)
+        else:
+            a.text, a.status = UNSUPPORTED_TEXT, UNSUPPORTED
+        return a
+
+    # -- answering -----------------------------------------------------------
+    def answer(self, question: str, mode: str | None = None) -> Answer:
+        return self.answer_many([question], batch_size=1, mode=mode)[0]
+
+    def answer_many(self, questions: Sequence[str], batch_size: int = 8, mode: str | None = None) -> list[Answer]:
+        """Answers in input order; generative ones batched (one generate call per batch)."""
+        mode = self.resolved_mode(mode)
+        t0 = time.perf_counter()
+        out: list[Answer] = []
+        prompts: list[tuple[int, list[dict]]] = []
+        for q in questions:
+            hits, evidence, messages, timings = self.prepare(q)
+            a = self._start(q, hits, evidence, timings, mode)
+            if a.status == ANSWERED:
+                if mode == "extractive":
+                    self._extract(a)
+                else:
+                    prompts.append((len(out), messages))
+            out.append(a)
+        if prompts:
+            texts = self.generator.generate([m for _, m in prompts], batch_size=batch_size, **self.gen_kwargs())
+            for (i, _), r in zip(prompts, texts):
+                self.verify(out[i], r.text)
+                out[i].model = self.generator.resolved.display_name
         per = (time.perf_counter() - t0) / max(1, len(questions))
-        return [
-            Answer(q, r.text.strip(), h, e, self.generator.resolved.display_name, per, t)
-            for q, (h, e, _, t), r in zip(questions, prepared, texts)
-        ]
+        for a in out:
+            a.seconds = per
+        return out
 
-    def stream(self, question: str) -> tuple[Iterator[str], Answer]:
-        """Pieces of the answer as they are generated; ``Answer.text`` is filled when exhausted."""
+    def stream(self, question: str, mode: str | None = None) -> tuple[Iterator[str], Answer]:
+        """Pieces of the answer as they are made; the ``Answer`` is complete once they are exhausted.
+
+        Extractive and abstaining answers come in one piece. Generative ones stream
+        token by token as a draft; if verification then fails, ``Answer.text`` (and
+        ``status``) differ from the joined pieces and the caller must show ``text``.
+        """
         t0 = time.perf_counter()
+        mode = self.resolved_mode(mode)
         hits, evidence, messages, timings = self.prepare(question)
-        result = Answer(question, "", hits, evidence, "", 0.0, timings)
+        result = self._start(question, hits, evidence, timings, mode)
 
         def pieces() -> Iterator[str]:
-            if not hits:
-                result.text = _NO_CONTEXT
-                yield _NO_CONTEXT
+            if result.status == ANSWERED and mode == "extractive":
+                self._extract(result)
+            elif result.status == ANSWERED:
+                result.model = self.generator.resolved.display_name
+                buf = []
+                for piece in self.generator.stream(messages, **self.gen_kwargs()):
+                    buf.append(piece)
+                    yield piece
+                self.verify(result, "".join(buf))
+                result.seconds = time.perf_counter() - t0
                 return
-            result.model = self.generator.resolved.display_name
-            buf = []
-            for piece in self.generator.stream(messages, **self._gen_kwargs()):
-                buf.append(piece)
-                yield piece
-            result.text = "".join(buf).strip()
             result.seconds = time.perf_counter() - t0
+            yield result.text
 
         return pieces(), result
-
-
-_NO_CONTEXT = "The knowledge base has no documents yet. Add PDFs first."

@@ -74,20 +74,39 @@ _HAS_DIGIT = re.compile(r"\d")
 _NUMBER_WORDS = set("one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred "
                     "thousand million billion dozen half".split())
 
-# question word -> the kind of answer it asks for (None = any)
-_KIND_PATTERNS = [
-    (re.compile(r"\b(what|which)\s+(year|decade|century|date|month|day|time|period|era)\b|\bwhen\b|\bhow long ago\b", re.I), DATE),
-    (re.compile(r"\bhow\s+(many|much|long|far|old|large|big|tall|high|deep|wide|often|fast)\b|\bwhat\s+(percentage|percent|proportion|number|amount)\b", re.I), NUMBER),
-    (re.compile(r"\b(who|whom|whose)\b", re.I), NAME),
+PLACE = "place"  # a question kind only: answered by a NAME span ("Where ...?" -> "the Atlantic")
+
+# The question word that decides: the first one in the question ("Where did the water flow when it
+# moved west?" asks for a place, not a date). Each pattern is tried at that position.
+_WH = re.compile(r"\b(what|which|when|who|whom|whose|where|how)\b", re.I)
+_KIND_AT_WH = [
+    (re.compile(r"(what|which)\s+(year|decade|century|date|month|day|time|period|era)\b|when\b|how long ago\b", re.I), DATE),
+    (re.compile(r"how\s+(many|much|long|far|old|large|big|tall|high|deep|wide|often|fast)\b|"
+                r"what\s+(percentage|percent|proportion|number|amount|fraction)\b", re.I), NUMBER),
+    (re.compile(r"(who|whom|whose)\b", re.I), NAME),
+    (re.compile(r"where\b", re.I), PLACE),
 ]
 
 
 def question_kind(question: str) -> str | None:
-    """The kind of answer ``question`` asks for (DATE, NUMBER, NAME), or None when any phrase may do."""
-    for pattern, kind in _KIND_PATTERNS:
-        if pattern.search(question):
-            return kind
+    """The kind of answer ``question`` asks for (DATE, NUMBER, NAME, PLACE), or None when any phrase may do."""
+    for m in _WH.finditer(question):
+        rest = question[m.start():]
+        for pattern, kind in _KIND_AT_WH:
+            if pattern.match(rest):
+                return kind
+        if m.group(1).lower() in {"what", "which"} and not re.match(r"(what|which)\s+(year|decade|century|date|month|day|"
+                                                                     r"time|period|era|percentage|percent|proportion|"
+                                                                     r"number|amount|fraction)\b", rest, re.I):
+            return None  # "what/which" + anything else: a phrase
     return None
+
+
+def kind_matches(question_kind: str | None, span_kind: str) -> bool:
+    """Whether a span of ``span_kind`` is the kind of answer the question asks for."""
+    if question_kind is None:
+        return False
+    return span_kind == (NAME if question_kind == PLACE else question_kind)
 
 
 def wh_word(kind: str) -> str:
@@ -223,6 +242,14 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS) -> list[Span]:
                 else:
                     break
             add(i, j, NAME)
+            if j > i:  # "NASA's CALIPSO satellite" -> also "CALIPSO"; a possessive ends a name
+                for k in range(i, j + 1):
+                    if _is_cap(toks[k]) and not _is_stop(toks[k]):
+                        add(k, k, NAME)
+                cuts = [k for k in range(i, j) if toks[k].text.endswith(("'s", "’s"))]
+                for a, b in zip([i] + [c + 1 for c in cuts], cuts + [j]):
+                    if b > a:
+                        add(a, b, NAME)
             i = j + 1
             continue
         i += 1

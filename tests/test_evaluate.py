@@ -116,6 +116,38 @@ def test_scores_by_hand():
     assert m2["hit_at_k"] is None and m2["hit_questions"] == 0
 
 
+def test_abstention_passage_recall_and_wrong_and_confident_by_hand():
+    qs = [Question("1", "q1", ["red dog"]), Question("2", "q2", ["paris"]), Question("3", "q3", ["seven"]),
+          Question("4", "q4", ["x"], unanswerable=True), Question("5", "q5", ["y"], unanswerable=True)]
+    preds = [
+        Prediction("the red dog", 0.1, ["a.pdf"], passages=["a red dog ran"], evidence="a red dog ran"),
+        Prediction("London", 0.1, ["a.pdf"], passages=["paris is big"], evidence="london calling"),  # wrong, confident
+        Prediction("I don't know", 0.1, ["a.pdf"], abstained=True, passages=["nothing"], evidence="nothing"),
+        Prediction("I don't know", 0.1, ["a.pdf"], abstained=True, passages=[], evidence=""),
+        Prediction("something", 0.1, ["a.pdf"], passages=[], evidence=""),
+    ]
+    system = FixedSystem("rag", {}, {})
+    m, rows = score_system(system, qs, preds, k=4)
+    assert m["questions"] == 5 and m["unanswerable_questions"] == 2
+    assert m["passage_recall"] == pytest.approx(2 / 3)  # q1, q2 have the gold in their chunks
+    assert m["evidence_recall"] == pytest.approx(1 / 3)
+    assert m["abstention_rate"] == pytest.approx(1 / 3)
+    assert m["wrong_and_confident"] == pytest.approx(1 / 3)  # q2 only: q3 abstained
+    assert m["unanswerable_abstained"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(1 / 3)  # unanswerable questions are not scored against their gold
+    assert m["mean_answer_words"] == pytest.approx((3 + 1) / 2)  # answered questions only
+    assert rows[3] == {"text": "I don't know", "seconds": 0.1, "abstained": True}
+
+
+def test_unanswerable_flag_and_field(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": "a?", "answers": ["b"]}) + "\n"
+                 + json.dumps({"question": "c?", "unanswerable": True}) + "\n")
+    qs = load_questions(f)
+    assert [q.unanswerable for q in qs] == [False, True] and qs[1].answers == []
+    assert all(q.unanswerable for q in load_questions(f, unanswerable=True))
+
+
 def test_report_table_json_and_chart(tmp_path):
     answers = {q.question: q.answers[0] for q in QS}
     a = FixedSystem("rag", answers, {q.question: ["a.pdf"] for q in QS})
@@ -205,7 +237,7 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, t
     assert "older than the knowledge base" in stderr  # the staleness notice reaches the user
     for name in ("base", "finetuned", "rag", "hybrid"):
         assert f"\n{name} " in stdout
-    assert "3 questions (2 with a gold document, 1 with options)" in stdout
+    assert "3 questions (2 with a gold document, 1 with options, 0 unanswerable)" in stdout
     data = json.loads((tmp_path / "out" / "run.json").read_text())
     assert list(data["systems"]) == ["base", "finetuned", "rag", "hybrid"]
     for name, s in data["systems"].items():

@@ -1,0 +1,225 @@
+"""Extractive reading: the answer is a span copied from the evidence, scored by the model.
+
+A small instruct model asked to *write* an answer echoes the question or invents
+one; asked to *score* answers it already reads well. So the reader proposes the
+candidate spans of the best evidence sentences (``text.answer_spans``: dates,
+numbers, names, phrases) and lets the language model rank them by how likely it
+finds each as the complete answer after the question and the evidence:
+
+    log p(span, <end> | system, evidence, question)     (summed over tokens)
+
+The prompt is encoded once and its key/value cache shared by every candidate, so
+scoring ~50 spans costs one prompt pass plus one batched pass over the spans'
+few tokens. The model's score is combined with two priors that have a reason
+behind them, not fitted thresholds: an answer rarely repeats the question's own
+words (SQuAD's annotators copy a span *other* than the question's words), and the
+question word asks for a kind (who -> a name, when -> a date, how many -> a
+number).
+
+Deliberately left out: retrieval and evidence selection (``rag``), and deciding
+whether to answer at all (``rag``'s abstention uses ``Reading.confidence``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from . import text as T
+
+READER_SYSTEM = (
+    "Answer the question with a short phrase copied exactly from the context. "
+    "Do not write a sentence."
+)
+
+
+@dataclass
+class Candidate:
+    span: T.Span
+    sentence_index: int  # which evidence sentence (0 = best)
+    logprob: float = 0.0  # log p(span tokens + end | prompt)
+    tokens: int = 0
+    echo: float = 0.0  # share of the span's content words that are in the question
+    kind_match: bool = False
+    score: float = 0.0
+
+
+@dataclass
+class Reading:
+    answer: str  # "" when no candidate
+    sentence_index: int = -1
+    candidates: list[Candidate] = field(default_factory=list)
+    confidence: float = 0.0  # softmax probability of the chosen span among the candidates
+
+
+def _cache_copy(cache, batch: int):
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(batch)
+    return c
+
+
+class SpanScorer:
+    """Scores candidate continuations after one shared prompt, with a causal LM (a ``generation.Generator``)."""
+
+    def __init__(self, generator, batch_size: int = 64):
+        self.gen = generator
+        self.batch_size = batch_size
+        tok = generator.tokenizer
+        self.end_id = generator.eos_ids[0]
+        self._tok = tok
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def score(self, messages, continuations: Sequence[str]) -> list[tuple[float, int]]:
+        """(sum log p(tokens + end), token count) per continuation, natural log."""
+        import torch
+
+        from .generation import _eval_mode
+
+        gen = self.gen
+        prompt_ids = gen._encode(gen.format_prompt(messages))
+        conts = [self.encode_continuation(c) + [self.end_id] for c in continuations]
+        out: list[tuple[float, int]] = [(-math.inf, 0)] * len(conts)
+        if not conts:
+            return out
+        model = gen.model
+        with _eval_mode(model), torch.inference_mode():
+            p = torch.tensor([prompt_ids], device=gen.device)
+            first = model(input_ids=p, use_cache=True)
+            cache = first.past_key_values
+            first_lp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # (V,)
+            order = sorted(range(len(conts)), key=lambda i: len(conts[i]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                width = max(len(conts[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), gen.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), len(prompt_ids) + width), dtype=torch.long)
+                mask[:, : len(prompt_ids)] = 1
+                for row, i in enumerate(chunk):
+                    ids[row, : len(conts[i])] = torch.tensor(conts[i])
+                    mask[row, len(prompt_ids) : len(prompt_ids) + len(conts[i])] = 1
+                logits = model(input_ids=ids.to(gen.device), attention_mask=mask.to(gen.device),
+                               past_key_values=_cache_copy(cache, len(chunk)), use_cache=True).logits
+                lps = torch.log_softmax(logits.float(), dim=-1)  # (B, W, V): position t predicts token t+1
+                for row, i in enumerate(chunk):
+                    c = conts[i]
+                    total = float(first_lp[c[0]])
+                    if len(c) > 1:
+                        tgt = torch.tensor(c[1:], device=lps.device)
+                        total += float(lps[row, : len(c) - 1].gather(1, tgt[:, None]).sum())
+                    out[i] = (total, len(c))
+        return out
+
+
+FEATURES = (
+    "cloze",  # cos(question, sentence with the span replaced by its wh-word): SQuAD questions are such rewrites
+    "gain",  # cloze - cos(question, sentence): how much taking the span out makes the sentence the question
+    "near",  # idf-weighted closeness of the question's words, outside the span, to the span (answers sit beside them)
+    "echo",  # share of the span's content words that the question already has (an answer rarely repeats it)
+    "kind_match",  # the span is the kind the question word asks for (who -> name, when -> date, ...)
+    "kind_other",  # the question asks for a kind and the span is another one
+    "first_sentence",  # the span is in the best evidence sentence
+    "sentence_score",  # that sentence's evidence score
+    "log_words",  # log of the span's length in words
+    "is_name", "is_number", "is_date",  # base rates of the kinds (phrase is the reference)
+    "lm",  # the language model's log p(span + end | prompt) minus the best candidate's (0 without a model)
+)
+
+
+def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[float], embedder, idf,
+             max_words: int = T.MAX_SPAN_WORDS) -> tuple[list[tuple[int, T.Span]], "np.ndarray"]:
+    """Candidate spans of ``sentences`` and their feature rows (n, len(FEATURES)); ``lm`` left at 0."""
+    import numpy as np
+
+    qkind = T.question_kind(question)
+    qwords = T.content_words(question)
+    q_idf = sum(idf(w) for w in qwords) or 1.0
+    cands: list[tuple[int, T.Span]] = []
+    for si, s in enumerate(sentences):
+        for sp in T.answer_spans(s, max_words=max_words):
+            if T.content_words(sp.text) and not T.content_words(sp.text) <= qwords:  # pure echoes never answer
+                cands.append((si, sp))
+    if not cands:
+        return [], np.zeros((0, len(FEATURES)), dtype=np.float32)
+    clozes = [sentences[si][: sp.start] + T.wh_word(sp.kind).lower() + sentences[si][sp.end :] for si, sp in cands]
+    vecs = embedder.encode([question, *sentences, *clozes])  # (1 + S + n, dim), normalised
+    qv, sv, cv = vecs[0], vecs[1 : 1 + len(sentences)], vecs[1 + len(sentences) :]
+    s_cos = sv @ qv
+    cloze = cv @ qv
+    toks = [T.tokens(s) for s in sentences]
+    X = np.zeros((len(cands), len(FEATURES)), dtype=np.float32)
+    for n, ((si, sp), c) in enumerate(zip(cands, cloze)):
+        words = T.content_words(sp.text)
+        near = 0.0
+        inside = [i for i, t in enumerate(toks[si]) if t.start >= sp.start and t.end <= sp.end]
+        a, b = (inside[0], inside[-1]) if inside else (0, 0)
+        seen: set[str] = set()
+        for i, t in enumerate(toks[si]):
+            w = T.stem(t.text.lower())
+            if a <= i <= b or w not in qwords or w in seen:
+                continue
+            seen.add(w)
+            near += idf(w) / (a - i if i < a else i - b)
+        X[n] = (
+            float(c), float(c - s_cos[si]), near / q_idf, len(words & qwords) / max(1, len(words)),
+            float(T.kind_matches(qkind, sp.kind)), float(qkind is not None and not T.kind_matches(qkind, sp.kind)),
+            float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
+            float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
+        )
+    return cands, X
+
+
+class ExtractiveReader:
+    """Picks the answer span: a linear score over ``FEATURES`` (weights in ``config.ReaderConfig``).
+
+    With ``scorer`` (a ``SpanScorer``), the best ``lm_rerank`` candidates by the other
+    features also get the model's log-likelihood; without one the reader needs no LM.
+    """
+
+    def __init__(self, embedder, weights: Sequence[float], *, idf=None, scorer: SpanScorer | None = None,
+                 lm_rerank: int = 0, max_words: int = T.MAX_SPAN_WORDS):
+        if len(weights) != len(FEATURES):
+            raise ValueError(f"{len(FEATURES)} reader weights needed, got {len(weights)}")
+        import numpy as np
+
+        self.embedder = embedder
+        self.idf = idf or (lambda word: 1.0)  # the store's BM25 idf (KnowledgeBase.idf); flat without one
+        self.w = np.asarray(weights, dtype=np.float32)
+        self.scorer = scorer
+        self.lm_rerank = lm_rerank
+        self.max_words = max_words
+
+    def features(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float]):
+        return features(question, sentences, sentence_scores, self.embedder, self.idf, self.max_words)
+
+    def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float]) -> Reading:
+        import numpy as np
+
+        cands, X = self.features(question, sentences, sentence_scores)
+        if not cands:
+            return Reading("")
+        scores = X @ self.w
+        lm_col = FEATURES.index("lm")
+        if self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
+            top = np.argsort(-scores)[: self.lm_rerank]
+            lps = self.scorer.score(reader_messages(question, sentences), [cands[i][1].text for i in top])
+            best = max(lp for lp, _ in lps)
+            for i, (lp, _) in zip(top, lps):
+                X[i, lm_col] = lp - best
+            rest = np.setdiff1d(np.arange(len(cands)), top)
+            X[rest, lm_col] = min(X[top, lm_col].min() - 1.0, -10.0)  # not reranked: worse than any reranked one
+            scores = X @ self.w
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        best = int(np.argmax(scores))
+        out = [Candidate(sp, si, score=float(scores[i])) for i, (si, sp) in enumerate(cands)]
+        return Reading(cands[best][1].text, cands[best][0], out, float(p[best]))
+
+
+def reader_messages(question: str, sentences: Sequence[str]) -> list[dict]:
+    context = "\n".join(sentences)
+    return [{"role": "system", "content": READER_SYSTEM},
+            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]

@@ -1,0 +1,203 @@
+"""Answers that are right or say they don't know: retrieval, the extractive reader, verification, abstention."""
+
+from __future__ import annotations
+
+import pytest
+
+from memchat import text as T
+from memchat.config import RAGConfig
+from memchat.generation import GenerationResult
+from memchat.knowledge import KnowledgeBase, document_title, rrf_fuse
+from memchat.rag import ANSWERED, IDK_TEXT, NO_ANSWER, UNSUPPORTED, RAGPipeline, coverage, support
+from tests.fakes import FakeEmbedder
+from tests.pdfmaker import text_pdf
+
+OXYGEN = [
+    ["Oxygen was discovered in 1773 by the chemist Joseph Priestley in Birmingham.",
+     "Priestley called the new gas dephlogisticated air."],
+    ["The Rhine flows from the Swiss Alps to the North Sea.",
+     "Its length is about 1,230 kilometres."],
+]
+GEARS = [["The gearbox model ZX-9 needs the lubricant Castrol-44 every 3 months.",
+          "Bearings wear out when the machine runs hot."]]
+
+
+def kb_with(tmp_path, **docs) -> KnowledgeBase:
+    kb = KnowledgeBase(tmp_path / "store", embedder=FakeEmbedder())
+    results = kb.add_documents([(f"{name}.pdf", text_pdf(pages)) for name, pages in docs.items()])
+    assert all(r.status == "added" for r in results), [r.message for r in results]
+    return kb
+
+
+class PlantedGenerator:
+    """Writes the same fixed answer whatever it is asked (counts its calls)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.calls = 0
+        self.resolved = type("R", (), {"display_name": "planted", "source": "local"})()
+        self.model = None  # an engine without local weights: "auto" treats it as large
+
+    def generate(self, batch, **kw):
+        self.calls += 1
+        return [GenerationResult(self.text, 1, 1, False) for _ in batch]
+
+    def stream(self, messages, **kw):
+        self.calls += 1
+        yield from self.text.split(" ") and [w + " " for w in self.text.split(" ")]
+
+
+# ---------------------------------------------------------------------------
+# text helpers
+# ---------------------------------------------------------------------------
+def test_question_kind_reads_the_first_question_word():
+    assert T.question_kind("Who discovered oxygen?") == T.NAME
+    assert T.question_kind("In what year was oxygen found?") == T.DATE
+    assert T.question_kind("How many kilometres long is it?") == T.NUMBER
+    assert T.question_kind("Where does the water flow when it moves west?") == T.PLACE
+    assert T.question_kind("What is the name of the gas?") is None
+
+
+def test_answer_spans_are_exact_substrings_with_kinds():
+    s = "In 1773, Joseph Priestley discovered oxygen in Birmingham, England, and NASA's CALIPSO satellite flew."
+    spans = T.answer_spans(s)
+    by_text = {sp.text: sp.kind for sp in spans}
+    assert all(s[sp.start : sp.end] == sp.text for sp in spans)
+    assert by_text["1773"] == T.DATE
+    assert by_text["Joseph Priestley"] == T.NAME
+    assert by_text["CALIPSO"] == T.NAME  # a name inside a longer capitalised run
+    assert not any(sp.text.endswith(",") or sp.text.lower().startswith("the ") for sp in spans)
+    assert not any("," in sp.text for sp in spans if sp.kind == T.PHRASE)  # phrases never cross a comma
+
+
+def test_document_title_drops_numbering():
+    assert document_title("dev2_01_Amazon_rainforest.pdf") == "Amazon rainforest"
+    assert document_title("manual.pdf") == "manual"
+
+
+# ---------------------------------------------------------------------------
+# retrieval
+# ---------------------------------------------------------------------------
+def test_rrf_keeps_what_each_ranking_found():
+    fused = rrf_fuse([[1, 2, 3], [9, 1]], 3)
+    assert fused[0] == 1  # in both rankings
+    assert set(fused) == {1, 2, 9}
+
+
+def test_hybrid_finds_a_keyword_only_match_that_dense_misses(tmp_path, monkeypatch):
+    kb = kb_with(tmp_path, plants=OXYGEN, gears=GEARS)
+    # A dense model that knows nothing of part numbers: every query lands on the oxygen document.
+    oxy = [h.chunk_id for h in kb.search("oxygen chemist", 10, method="dense") if h.document == "plants.pdf"]
+    real = kb.search
+
+    def blind_dense(query, k=4, method="hybrid"):
+        return real("oxygen chemist" if method == "dense" else query, k, method)
+
+    dense = [h.document for h in blind_dense("Castrol-44", 1, method="dense")]
+    assert dense == ["plants.pdf"] and oxy
+    keyword = kb.search("Castrol-44", 1, method="keyword")
+    assert [h.document for h in keyword] == ["gears.pdf"]
+    hybrid = kb.search("Which lubricant is Castrol-44?", 2, method="hybrid")
+    assert "gears.pdf" in [h.document for h in hybrid]
+    assert all(-1.0 <= h.score <= 1.0 for h in hybrid)  # scores are cosines whichever ranking found them
+
+
+def test_one_decrypt_per_store_change(tmp_path, monkeypatch):
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    calls = []
+    original = kb.store.read
+    monkeypatch.setattr(kb.store, "read", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rag = RAGPipeline(kb, rag=RAGConfig(mode="extractive"))
+    rag.answer("Who discovered oxygen?")
+    kb.documents(), kb.embedding_spec(), kb.chunks()
+    rag.answer("How long is the Rhine?")
+    assert len(calls) <= 1  # the first read after the fixture's own; then none
+    before = len(calls)
+    kb.add_documents([("gears.pdf", text_pdf(GEARS))])
+    rag.answer("Which lubricant does the ZX-9 need?")
+    assert len(calls) - before <= 2  # the writer's read + one re-read after the commit
+
+
+# ---------------------------------------------------------------------------
+# extractive answers
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("question", ["Who discovered oxygen?", "In what year was oxygen discovered?",
+                                      "How long is the Rhine?", "Where does the Rhine flow to?"])
+def test_extractive_answer_is_a_span_of_a_retrieved_chunk_with_its_page(tmp_path, question):
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    a = RAGPipeline(kb, rag=RAGConfig(mode="extractive")).answer(question)
+    assert a.status == ANSWERED and a.mode == "extractive"
+    assert a.text and any(a.text in h.text for h in a.hits)
+    assert a.source is not None and a.text in a.source.sentence and a.source.sentence in " ".join(a.source.hit.text.split())
+    assert a.citations[0] == a.source.hit.citation  # the citation is the page of the chunk the span came from
+    assert a.citations[0].startswith("plants.pdf, p")
+
+
+def test_extractive_reader_picks_the_kind_asked_for(tmp_path):
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    rag = RAGPipeline(kb, rag=RAGConfig(mode="extractive"))
+    assert rag.answer("In what year was oxygen discovered?").text == "1773"
+    assert "Priestley" in rag.answer("Who discovered oxygen?").text
+
+
+def test_abstains_on_a_store_without_the_answer(tmp_path):
+    kb = kb_with(tmp_path, gears=GEARS)
+    for mode in ("extractive", "generative"):
+        gen = PlantedGenerator("Joseph Priestley")
+        a = RAGPipeline(kb, gen, rag=RAGConfig(mode=mode)).answer("Who discovered oxygen in Birmingham in 1773?")
+        assert a.status == NO_ANSWER and a.abstained and a.text == IDK_TEXT
+        assert a.passage  # the best passage is still shown
+        assert gen.calls == 0  # nothing is generated for a question the documents are not about
+        assert a.evidence_line.startswith("Closest passage")
+
+
+def test_coverage_weights_rare_words():
+    idf = {"oxygen": 5.0, "discov": 1.0}.get
+    assert coverage("Who discovered oxygen?", "oxygen is a gas", lambda w: idf(w) or 1.0) == pytest.approx(5 / 6)
+    assert coverage("", "anything", lambda w: 1.0) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# generative answers are verified
+# ---------------------------------------------------------------------------
+def test_verification_refuses_a_planted_unsupported_answer(tmp_path):
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    gen = PlantedGenerator("Robert Boyle discovered it")
+    rag = RAGPipeline(kb, gen, rag=RAGConfig(mode="generative"))
+    a = rag.answer("Who discovered oxygen in 1773?")
+    assert gen.calls == 1
+    assert a.status == UNSUPPORTED and a.abstained
+    assert "Boyle" not in a.text and a.draft == "Robert Boyle discovered it"
+    pieces, s = rag.stream("Who discovered oxygen in 1773?")
+    "".join(pieces)
+    assert s.status == UNSUPPORTED and "Boyle" not in s.text  # the streamed draft is replaced
+
+
+def test_verification_accepts_a_supported_answer(tmp_path):
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    a = RAGPipeline(kb, PlantedGenerator("Joseph Priestley"), rag=RAGConfig(mode="generative")).answer(
+        "Who discovered oxygen in 1773?")
+    assert a.status == ANSWERED and a.text == "Joseph Priestley"
+    assert a.source is not None and "Priestley" in a.source.sentence
+
+
+def test_support_counts_only_added_words():
+    ev = ["Oxygen was discovered in 1773 by Joseph Priestley."]
+    assert support("Joseph Priestley", "Who discovered oxygen?", ev) == 1.0
+    assert support("Robert Boyle", "Who discovered oxygen?", ev) == 0.0
+    assert support("oxygen", "Who discovered oxygen?", ev) == 0.0  # an echo of the question backs nothing
+
+
+def test_auto_is_extractive_for_small_models_and_generative_for_engines(tmp_path, tiny_gpt2_dir):
+    from memchat.generation import Generator
+
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    assert RAGPipeline(kb, Generator(str(tiny_gpt2_dir)), rag=RAGConfig(mode="auto")).resolved_mode() == "extractive"
+    assert RAGPipeline(kb, PlantedGenerator("x"), rag=RAGConfig(mode="auto")).resolved_mode() == "generative"
+    with pytest.raises(ValueError):
+        RAGPipeline(kb, mode="poetic")
+
+
+def test_answer_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MEMCHAT_ANSWER_MODE", "generative")
+    assert RAGConfig().mode == "generative"
