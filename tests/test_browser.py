@@ -64,7 +64,7 @@ def app_server(tmp_path, tiny_qwen_dir):
 def _log_in(page, password: str) -> None:
     from playwright.sync_api import expect
 
-    box = page.get_by_label("Password")
+    box = page.get_by_label("Password", exact=True)
     expect(box).to_be_visible(timeout=90_000)
     box.fill(password)
     page.get_by_role("button", name="Log in").click()
@@ -93,7 +93,7 @@ def test_login_upload_ask_and_see_citation(app_server):
             # a fresh browser (no session) sees only the login form too
             other = browser.new_page()
             other.goto(url, timeout=60_000)
-            expect(other.get_by_label("Password")).to_be_visible(timeout=90_000)
+            expect(other.get_by_label("Password", exact=True)).to_be_visible(timeout=90_000)
             assert other.get_by_text("Add PDFs in the sidebar").count() == 0
             other.close()
 
