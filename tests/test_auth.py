@@ -73,7 +73,6 @@ def _launch_and_read_bind(argv: list[str], cwd: Path, port: int) -> set[str]:
 
 
 @pytest.mark.parametrize("launcher", [
-    ["main.py"],
     ["main.py", "app"],
     ["main_hybrid.py"],
     ["test_finetuned_model.py", "streamlit"],
@@ -81,8 +80,6 @@ def _launch_and_read_bind(argv: list[str], cwd: Path, port: int) -> set[str]:
 def test_launchers_listen_on_loopback_only(launcher, isolated_home):
     port = _free_port()
     argv = [sys.executable, str(REPO / launcher[0]), *launcher[1:], "--port", str(port)]
-    if launcher == ["main.py"]:  # no subcommand: the port flag belongs to `app`; use the default-port path's code
-        argv = [sys.executable, str(REPO / "main.py"), "app", "--port", str(port)]
     addrs = _launch_and_read_bind(argv, isolated_home, port)
     assert addrs == {"127.0.0.1"}, addrs
 
@@ -142,7 +139,7 @@ def test_exposing_with_password_binds_as_asked(monkeypatch, capsys, script, sub)
     assert flags["--client.showErrorDetails"] == "none" and "--server.maxUploadSize" in flags
 
 
-@pytest.mark.parametrize("script,sub", LAUNCHERS)
+@pytest.mark.parametrize("script,sub", [*LAUNCHERS, ("main.py", [])])  # bare `python main.py` too
 def test_default_bind_is_loopback(monkeypatch, script, sub):
     monkeypatch.delenv("MEMCHAT_APP_PASSWORD", raising=False)
     _, cmd = _run_script(monkeypatch, script, sub)
