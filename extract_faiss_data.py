@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the chunks' own text (plain language-model examples)")
     g.add_argument("--no-restatements", dest="restatements", action="store_false", default=d.include_restatements,
                    help="leave out the wh/cloze/about/fact-list items made from the sentences")
+    g.add_argument("--no-questions", dest="questions", action="store_false", default=d.generate_questions,
+                   help="no generator at all: only the chunks' text and the restatements (fast on a CPU; "
+                        "no validation questions)")
     g.add_argument("--spans-per-sentence", type=int, default=d.restatement_spans_per_sentence, metavar="N",
                    help=f"answer spans asked about per sentence (default {d.restatement_spans_per_sentence})")
 
@@ -99,6 +102,7 @@ def extract(args) -> int:
         include_documents=args.documents,
         include_restatements=args.restatements,
         restatement_spans_per_sentence=args.spans_per_sentence,
+        generate_questions=args.questions,
         encrypt=args.encrypt,
         max_chunks=args.max_chunks,
     )

@@ -242,6 +242,9 @@ class ExtractConfig:
     max_pairs_per_chunk: int = 3  # questions per chunk (the guide's default; 5 at most)
     augment: bool = True  # also write paraphrases that share the answer
     variations_per_question: int = 2
+    # Where the generator's paraphrases fall short (SmolLM2-135M: about 1 in 64 survives the
+    # filters), fill up with framings of the question ("According to the document, ...").
+    template_paraphrases: bool = True
     batch_size: int = 16  # prompts per generate call; ~6-7x one-at-a-time on CPU
     max_new_tokens: int = 256  # cap for any one output; question lists get ~24 tokens per question below it
     answer_max_new_tokens: int = 96  # one or two sentences (~40 words); a longer answer is cut to whole sentences
@@ -255,6 +258,9 @@ class ExtractConfig:
     include_restatements: bool = True  # (d) wh/cloze/about/fact-list items from the sentences, no generator needed
     restatement_spans_per_sentence: int = 2  # answer spans asked about per sentence (each gives a wh + a cloze item)
     fact_lists: bool = True  # "List the facts about X" for names in two or more sentences of a chunk
+    # False: no generator at all (documents + restatements only): minutes instead of hours on a
+    # CPU, but no generated questions, so no validation families either.
+    generate_questions: bool = True
     # False: no generator at all (documents + restatements only): minutes instead of hours on a
     # CPU, but no generated questions, so no validation families either.
     generate_questions: bool = True

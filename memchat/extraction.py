@@ -280,12 +280,14 @@ class FAISSDataExtractor:
         # Pending: unique chunk hashes of the selection without a result, in chunk order.
         pending: list[dict] = []
         seen: set[str] = set()
-        for c in selected:
+        for c in selected if self.cfg.generate_questions else []:  # (no generator: documents + restatements only)
             if c["hash"] not in progress.results and c["hash"] not in seen:
                 seen.add(c["hash"])
                 pending.append(c)
-        reused = len({c["hash"] for c in selected} - seen)
-        if reused:
+        reused = len({c["hash"] for c in selected} - seen) if self.cfg.generate_questions else 0
+        if not self.cfg.generate_questions:
+            self._say("no generator: the chunks' text and restatements only (no questions, paraphrases or validation)")
+        elif reused:
             self._say(f"reusing {reused} chunks finished earlier; {len(pending)} to generate")
 
         gen_stats_before = None
@@ -302,7 +304,8 @@ class FAISSDataExtractor:
         if set(progress.results) - current:
             progress.rewrite(keep=current)
 
-        records, stats = self._assemble(state, selected, progress.results, settings, display)
+        results = progress.results if self.cfg.generate_questions else {}
+        records, stats = self._assemble(state, selected, results, settings, display)
         wall = time.perf_counter() - start
         stats["run"] = self._run_stats(wall, len(selected), len(pending), reused, generate_calls, gen_stats_before)
         stats["generation"]["model"] = display
@@ -628,11 +631,14 @@ class FAISSDataExtractor:
                             "kind": "original", "source_question_id": qid, **base})
             if split == "validation":
                 val_questions.append(q["question"])
-            for j, v in enumerate(q.get("variations", []), start=1):
-                if (f, v) in var_drop:
-                    continue
+            kept = [v for v in q.get("variations", []) if (f, v) not in var_drop]
+            made = []
+            if cfg.augment and cfg.template_paraphrases and len(kept) < cfg.variations_per_question:
+                made = restatements.template_paraphrases(q["question"], cfg.variations_per_question - len(kept))
+            for j, v in enumerate(kept + made, start=1):
                 records.append({"id": f"r{c['id']}-{i}-v{j}", "question": v, "answer": q["answer"],
-                                "kind": "variation", "source_question_id": qid, **base})
+                                "kind": "variation", "source_question_id": qid, **base,
+                                "paraphrase_source": "model" if j <= len(kept) else "template"})
                 if split == "validation":
                     val_questions.append(v)
         if cfg.include_restatements:

@@ -165,7 +165,7 @@ def read_meta(model_dir: Path) -> dict:
     if not (model_dir / config.FINETUNED_META_FILENAME).exists():
         log.info("%s has no %s: its lineage is unknown", model_dir, config.FINETUNED_META_FILENAME)
         return {}
-    from .training import read_model_meta
+    from .formats import read_model_meta  # (not .training: reading a meta file needs no trainer)
 
     return read_model_meta(model_dir)
 

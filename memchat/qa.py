@@ -561,27 +561,6 @@ def split_score(chunk_hash: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(chunk_hashes: list[str], fraction: float, seed: int) -> dict[str, str]:
-    """chunk hash -> "train" | "validation", by hashing the chunk's content.
-
-    Whole chunks go to one side, so a question, its paraphrases and any question
-    from the same text never straddle the split. With two or more chunks, both
-    sides get at least one (the lowest-scoring chunk is validation, the highest
-    train), so a small knowledge base still has something to validate on; a
-    single chunk is always train (training needs train records).
-    """
-    unique = sorted(set(chunk_hashes))
-    scores = {h: split_score(h, seed) for h in unique}
-    splits = {h: "validation" if scores[h] < fraction and len(unique) > 1 else "train" for h in unique}
-    if len(unique) >= 2 and fraction > 0:
-        ranked = sorted(unique, key=lambda h: scores[h])
-        if "validation" not in splits.values():
-            splits[ranked[0]] = "validation"
-        if "train" not in splits.values():
-            splits[ranked[-1]] = "train"
-    return splits
-
-
 def assign_family_splits(families: list[tuple[str, str]], per_chunk: int, seed: int) -> list[str]:
     """For each (chunk hash, question) family: "train" or "validation".
 

@@ -98,7 +98,8 @@ def restate(sentences: list[str], *, spans_per_sentence: int = 2, fact_lists: bo
     """The restatements of one chunk's sentences (in document order, duplicates removed)."""
     items: list[Item] = []
     usable = [_clean(s) for s in sentences]
-    usable = [s for s in usable if len(s.split()) >= MIN_SENTENCE_WORDS and not s.endswith("?")]
+    # a piece that starts in lower case is the tail of a sentence cut at the chunk's start (overlap)
+    usable = [s for s in usable if len(s.split()) >= MIN_SENTENCE_WORDS and not s.endswith("?") and not s[:1].islower()]
     for s in usable:
         for span in choose_spans(s, spans_per_sentence):
             items.append(Item("wh", wh_question(s, span), span.text, span.kind))
@@ -127,4 +128,30 @@ def restate(sentences: list[str], *, spans_per_sentence: int = 2, fact_lists: bo
         if key and key not in seen:
             seen.add(key)
             out.append(it)
+    return out
+
+
+# Surface paraphrases for when the generator writes none (SmolLM2-135M keeps about 1 in 64):
+# the same question in other framings, so the answer is not tied to one exact prompt.
+_FRAMES = (
+    "According to the document, {q}",
+    "{Q} Answer from the document.",
+    "Based on what you read: {Q}",
+    "Quick question: {Q}",
+    "From the text, {q}",
+)
+
+
+def template_paraphrases(question: str, n: int) -> list[str]:
+    """``n`` framings of ``question`` (deterministic: chosen by a hash of the question)."""
+    import hashlib
+
+    q = question.strip()
+    if not q or n <= 0:
+        return []
+    start = int(hashlib.md5(normalize(q).encode()).hexdigest()[:8], 16) % len(_FRAMES)
+    lower = q[0].lower() + q[1:] if not (len(q) > 1 and q[1].isupper()) else q
+    out = []
+    for k in range(min(n, len(_FRAMES))):
+        out.append(_FRAMES[(start + k) % len(_FRAMES)].format(q=lower, Q=q))
     return out

@@ -197,15 +197,32 @@ def test_family_split_trains_every_chunk_and_never_leaks_a_family():
     assert {r["id"] for r in val} <= val2
 
 
-def test_family_split_rule():
-    fams = [("a", "Q one?"), ("a", "Q two?"), ("a", "Q three?"), ("b", "Only one?"), ("c", "x?"), ("c", "y?")]
-    s1 = qa.assign_family_splits(fams, 1, 42)
-    assert s1[3] == "train"  # a chunk with one family keeps it
-    assert s1[:3].count("validation") == 1 and s1[4:].count("validation") == 1
-    assert qa.assign_family_splits(fams, 5, 42)[:3].count("validation") == 2  # never all of a chunk
-    assert qa.assign_family_splits(fams, 0, 42) == ["train"] * 6
-    # stable when other chunks come and go
-    assert qa.assign_family_splits(fams[:3], 1, 42) == s1[:3]
+def test_without_a_generator_documents_and_restatements_only():
+    k = make_kb(QA_PDFS[:1])
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen, generate_questions=False)
+    doc = load(ex.create_training_dataset())
+    assert gen.calls == 0
+    kinds = {r["kind"] for r in doc["records"]}
+    assert "document" in kinds and kinds <= {"document", "wh", "cloze", "about", "facts"}
+    assert {r["split"] for r in doc["records"]} == {"train"}
+
+
+def test_paraphrases_fill_up_with_framings_when_the_generator_writes_too_few():
+    k = make_kb(QA_PDFS[:1])
+    doc = load(extractor(k, variations_per_question=4).create_training_dataset())
+    var = [r for r in doc["records"] if r["kind"] == "variation"]
+    sources = {r["paraphrase_source"] for r in var}
+    assert sources == {"model", "template"}  # the scripted model writes 3 candidates; framings make up 4
+    per_family = {}
+    for r in var:
+        per_family[r["family"]] = per_family.get(r["family"], 0) + 1
+    assert set(per_family.values()) == {4}
+    originals = {r["family"]: r for r in doc["records"] if r["kind"] == "original"}
+    for r in var:
+        assert r["split"] == originals[r["family"]]["split"] and r["answer"] == originals[r["family"]]["answer"]
+    off = load(extractor(k, variations_per_question=4, template_paraphrases=False).create_training_dataset())
+    assert all(r.get("paraphrase_source") == "model" for r in off["records"] if r["kind"] == "variation")
 
 
 def test_encrypted_training_data_round_trips(tmp_path):

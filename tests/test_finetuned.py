@@ -20,7 +20,7 @@ from memchat import config
 from memchat.errors import MemChatError, ModelUnavailableError
 from memchat.finetuned import FineTunedChat, staleness_warning
 from memchat.knowledge import KnowledgeBase
-from memchat.training import MODEL_META_FORMAT, MODEL_META_VERSION
+from memchat.formats import MODEL_META_FORMAT, MODEL_META_VERSION
 from tests.fakes import FakeEmbedder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -174,20 +174,18 @@ def test_near_duplicates_keep_the_first_and_respect_groups():
     assert qa.near_duplicates(np.zeros((0, 2), np.float32), 0.9) == []
 
 
-def test_split_is_stable_by_hash_and_both_sides_exist():
-    hashes = [f"h{i}" for i in range(200)]
-    a = qa.assign_splits(hashes, 0.1, seed=42)
-    b = qa.assign_splits(list(reversed(hashes)), 0.1, seed=42)
-    assert a == b
-    share = sum(s == "validation" for s in a.values()) / len(a)
-    assert 0.03 < share < 0.2
-    # adding chunks never moves an old chunk (beyond the two-chunk guarantee)
-    c = qa.assign_splits(hashes + [f"new{i}" for i in range(50)], 0.1, seed=42)
-    assert all(c[h] == a[h] for h in hashes)
-    assert set(qa.assign_splits(["x", "y"], 0.1, seed=1).values()) == {"train", "validation"}
-    assert all(qa.assign_splits(["x"], 0.99, seed=s) == {"x": "train"} for s in range(20))
-    assert set(qa.assign_splits(hashes, 0.0, seed=1).values()) == {"train"}
-    assert qa.assign_splits(hashes, 0.1, seed=7) != a  # the seed matters
+def test_family_split_is_stable_and_holds_out_one_family_per_chunk():
+    fams = [("a", "Q one?"), ("a", "Q two?"), ("a", "Q three?"), ("b", "Only one?"), ("c", "x?"), ("c", "y?")]
+    s1 = qa.assign_family_splits(fams, 1, 42)
+    assert s1[3] == "train"  # a chunk with one family keeps it
+    assert s1[:3].count("validation") == 1 and s1[4:].count("validation") == 1
+    assert qa.assign_family_splits(fams, 5, 42)[:3].count("validation") == 2  # never all of a chunk
+    assert qa.assign_family_splits(fams, 0, 42) == ["train"] * 6
+    assert qa.assign_family_splits(fams[:3], 1, 42) == s1[:3]  # other chunks coming and going move nothing
+    assert qa.assign_family_splits(list(reversed(fams)), 1, 42) == list(reversed(s1))  # order does not matter
+    many = [("h", f"Question number {i}?") for i in range(30)]
+    picks = {tuple(qa.assign_family_splits(many, 1, seed)).index("validation") for seed in range(10)}
+    assert len(picks) > 1  # the seed matters
 
 
 def test_prompts_are_simple_chat_messages():
