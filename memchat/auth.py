@@ -146,14 +146,14 @@ def configured_verifier() -> Verifier | None:
     return None
 
 
-def check_exposure(host: str) -> Verifier | None:
+def check_exposure(host: str, port: int = AppConfig.rag_port) -> Verifier | None:
     """Refuse a non-loopback bind without a password (AuthError, one line). Returns the verifier, if any."""
     verifier = configured_verifier()
     if not is_loopback(host) and verifier is None:
         raise AuthError(
             f"Refusing to serve on {host or 'every interface'} without a password: anyone who reaches the port "
             f"could read your documents. Set {PASSWORD_ENV} (or {HASH_ENV}), or use an SSH tunnel "
-            "(ssh -L 8501:127.0.0.1:8501 HOST) and keep the default 127.0.0.1."
+            f"(ssh -N -L {port}:127.0.0.1:{port} HOST) and keep the default 127.0.0.1."
         )
     return verifier
 

@@ -80,7 +80,7 @@ def launch_streamlit(script: str, host: str, port: int, script_args: list[str] |
     """Exec Streamlit on ``script``. Raises AuthError (before anything starts) for an exposed bind without a password."""
     from .auth import check_exposure, is_loopback
 
-    check_exposure(host)
+    check_exposure(host, port)
     if not is_loopback(host):
         print(f"Serving on {host}:{port} behind the app password. Anyone who can reach this port gets the login "
               "page; traffic is not encrypted: prefer an SSH tunnel or a TLS proxy.", file=sys.stderr)

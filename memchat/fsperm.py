@@ -9,9 +9,12 @@ Deliberately left out: encryption (``crypto``) and the file formats (``formats``
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700  # only the owner can list or enter: file names are document names
 FILE_MODE = 0o600  # only the owner can read: the files hold document text
@@ -41,7 +44,10 @@ def _tighten(path: Path, mode: int) -> None:
     except FileNotFoundError:
         return
     if current & ~mode:  # group/other bits set: remove them, keep the owner's
-        os.chmod(path, current & mode)
+        try:
+            os.chmod(path, current & mode)
+        except OSError as exc:  # not ours, or a read-only copy: reading it must still work
+            log.warning("Cannot make %s owner-only (%s); it stays %s", path, exc.strerror, oct(current))
 
 
 def tighten_tree(path: str | os.PathLike) -> None:

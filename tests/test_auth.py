@@ -264,3 +264,29 @@ def test_app_served_on_all_interfaces_without_password_shows_nothing(monkeypatch
     assert not at.exception
     assert any("without a password" in e.value for e in at.error)
     assert "Add PDFs in the sidebar" not in _texts(at) and not at.sidebar.children
+
+
+def test_hash_maker_prompts_twice(monkeypatch, capsys):
+    import getpass
+
+    answers = iter([PASSWORD, PASSWORD, PASSWORD, "a different one!"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    assert auth.main() == 0
+    printed = capsys.readouterr().out.strip()
+    assert auth.parse_hash(printed).check(PASSWORD)
+    assert auth.main() == 1 and "differ" in capsys.readouterr().err  # a typo in the confirmation
+
+
+def test_tightening_a_file_we_cannot_chmod_does_not_block_reading(tmp_path, monkeypatch, caplog):
+    from memchat import fsperm
+
+    f = tmp_path / "read-only-copy"
+    f.write_text("x")
+    f.chmod(0o644)
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fsperm.os, "chmod", refuse)
+    fsperm.tighten_tree(f)  # logs, does not raise
+    assert "Cannot make" in caplog.text

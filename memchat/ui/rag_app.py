@@ -16,7 +16,6 @@ import streamlit as st
 
 from memchat.config import GenerationConfig
 from memchat.knowledge import KnowledgeBase
-from memchat.names import escape_controls
 from memchat.ui.common import (attach_embedder, errors_shown, get_generator, md_escape, require_login, show_sources,
                                show_text, split_oversized, stream_text)
 
@@ -32,11 +31,11 @@ def sidebar(kb: KnowledgeBase) -> list[dict]:
         uploads, refused = split_oversized(uploads)
         for line in refused:
             st.sidebar.error(line)
-        bars = {u.name: st.sidebar.progress(0.0, text=f"{escape_controls(u.name)}: waiting") for u in uploads}
+        bars = {u.name: st.sidebar.progress(0.0, text=f"{md_escape(u.name)}: waiting") for u in uploads}
 
         def progress(name: str, frac: float, stage: str) -> None:
             if name in bars:
-                bars[name].progress(min(frac, 1.0), text=f"{escape_controls(name)}: {stage}")
+                bars[name].progress(min(frac, 1.0), text=f"{md_escape(name)}: {stage}")
 
         results = []
         with errors_shown(st.sidebar):
