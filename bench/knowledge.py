@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32, help="closed-book answer cap (default 32)")
     p.add_argument("--train-flags", default="--no-gradient-checkpointing --batch-size 8 --grad-accum 2",
                    help="extra train_conversational.py flags for every row (CPU-friendly default)")
+    p.add_argument("--extract-flags", default="", help="extra extract_faiss_data.py flags (e.g. --spans-per-sentence 1)")
     p.add_argument("--json", help="also write the table as JSON here")
     args = p.parse_args(argv)
 
@@ -103,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     timing: dict[str, float] = {}
     if not (args.reuse and (home / "encrypted_faiss_storage").exists()):
         timing["add PDFs"] = run([PY, "main.py", "add", *map(str, pdfs)], env, log)
-    timing["extract"] = run([PY, "extract_faiss_data.py", "--quiet"], env, log)
+    timing["extract"] = run([PY, "extract_faiss_data.py", "--quiet", *args.extract_flags.split()], env, log)
     stats = json.loads((home / "training_data" / "training_stats.json").read_text())
     by_kind = stats["overall"]["records_by_kind"]
-    print(f"extract: {timing['extract'] / 60:.1f} min; records by kind {by_kind}", flush=True)
+    gen = stats["run"]
+    print(f"extract: {timing['extract'] / 60:.1f} min ({gen['chunks_generated']} chunks generated, "
+          f"{gen['chunks_reused']} reused); records by kind {by_kind}", flush=True)
 
     results: dict[str, dict] = {}
     models, evals = home / "models", home / "eval"

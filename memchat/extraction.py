@@ -1,26 +1,28 @@
-"""``FAISSDataExtractor``: the encrypted knowledge base -> ``training_data/`` (records + stats).
+"""``FAISSDataExtractor``: the orchestrator of the extraction, knowledge base -> ``training_data/``.
 
 One run:
 
   1. read the store through ``KnowledgeBase`` (same key rules and errors as the app);
-  2. load the progress file ``training_data/extract_progress.jsonl``: one line per
-     finished chunk, keyed by the chunk's content hash and a fingerprint of every
-     setting that changes what the model is asked (model, prompts, pairs, ...);
+  2. load the progress file ``training_data/extract_progress.jsonl`` (``memchat.formats``):
+     one line per finished chunk, keyed by the chunk's content hash and a fingerprint of
+     every setting that changes what the model is asked (model, prompts, pairs, ...);
   3. the chunks with no result yet (new, changed, or never reached) are processed in
-     groups of ``batch_size`` chunks. Each stage of a group is ONE batched
-     ``generate`` call over all its prompts: questions -> (a stricter retry for
-     chunks that came up short) -> answers -> paraphrases. After each group its
-     results are appended to the progress file and fsynced, so a killed run loses
-     at most one group, and a resumed run forms the same groups from the same
-     remaining chunks: with greedy decoding it writes the same records;
-  4. assemble: records for every current chunk, near-duplicate questions across
-     chunks dropped, the split by chunk hash, then the dataset and the stats are
-     written atomically. Progress lines of chunks no longer in the store are
-     pruned: a removed document's questions do not linger in ``training_data/``.
+     groups of ``batch_size`` chunks by ``memchat.extraction_stages`` (one batched
+     ``generate`` call per stage: questions -> retry -> answers -> paraphrases). After
+     each group its results are appended to the progress file and fsynced, so a killed
+     run loses at most one group; with greedy decoding a resumed run writes the same records;
+  4. assemble the training mix: (a) each chunk's text, (b) its question families with
+     (c) their paraphrases (framings fill up where the generator wrote too few), and
+     (d) the generator-free restatements (``memchat.restatements``); near-duplicate
+     questions across chunks dropped; the family split (``qa.assign_family_splits``:
+     every chunk trained on, whole question families held out, no restatement close to
+     a validation question); then the dataset, the stats (``memchat.extraction_stats``)
+     and the ``messages`` exports are written atomically, owner-only, encrypted with the
+     store's key when asked. Progress lines of chunks no longer in the store are pruned.
 
 The per-chunk logic (prompts, parsing, repair, grounding) is ``memchat.qa``.
-Deliberately left out: printing (the script prints; this logs), model loading
-details (``memchat.generation``), and encryption: ``training_data/`` is plain text.
+Deliberately left out: printing (the script prints; this logs) and model loading
+details (``memchat.generation``).
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import config, formats, fsperm, qa, restatements
+from . import config, extraction_stats, formats, fsperm, qa, restatements
 from .config import ExtractConfig
 from .errors import MemChatError
+from .extraction_stages import GroupStages
 from .formats import PROGRESS_FILENAME, Progress
 
 log = logging.getLogger(__name__)
@@ -49,44 +51,6 @@ log = logging.getLogger(__name__)
 MAX_PAIRS = 5  # the issue's ceiling: more questions per ~1000-char chunk repeat each other
 
 GroupHook = Callable[[int, list[dict]], None]  # (group number, chunk results) after each saved group
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-
-
-def _counter_dict(c: Counter | dict) -> dict:
-    return {k: v for k, v in sorted(c.items()) if v}
-
-
-# ---------------------------------------------------------------------------
-# Working state of one chunk while its group is generated
-# ---------------------------------------------------------------------------
-@dataclass
-class _Work:
-    chunk: dict
-    sentences: list[str]
-    sentence_vecs: np.ndarray  # (n_sentences, dim)
-    words: set[str]
-    questions: list[dict] = field(default_factory=list)  # {"question", "origin", "vec", ...}
-    q_tally: qa.Tally = field(default_factory=qa.Tally)  # question parsing and filtering
-    a_tally: qa.Tally = field(default_factory=qa.Tally)  # answer parsing and grounding
-    v_tally: qa.Tally = field(default_factory=qa.Tally)  # paraphrases
-    counts: Counter = field(default_factory=Counter)
-    tokens: Counter = field(default_factory=Counter)  # new / prompt tokens, prompts
-    candidates: list = field(default_factory=list)  # (question, origin, source sentence) awaiting the filters
-
-    def result(self) -> dict:
-        return {
-            "questions": [
-                {k: q[k] for k in ("question", "answer", "answer_source", "origin", "variations")} for q in self.questions
-            ],
-            "counts": dict(self.counts),
-            "questions_tally": self.q_tally.as_dict(),
-            "answers_tally": self.a_tally.as_dict(),
-            "variations_tally": self.v_tally.as_dict(),
-            "tokens": dict(self.tokens),
-        }
 
 
 @dataclass
@@ -307,7 +271,8 @@ class FAISSDataExtractor:
         results = progress.results if self.cfg.generate_questions else {}
         records, stats = self._assemble(state, selected, results, settings, display)
         wall = time.perf_counter() - start
-        stats["run"] = self._run_stats(wall, len(selected), len(pending), reused, generate_calls, gen_stats_before)
+        stats["run"] = extraction_stats.run_stats(wall, self._load_seconds, self._generator, len(selected), len(pending),
+                                                  reused, generate_calls, gen_stats_before)
         stats["generation"]["model"] = display
         if self.notices:
             stats["generation"]["notice"] = self.notices[0]
@@ -333,9 +298,11 @@ class FAISSDataExtractor:
             bar = tqdm(total=len(pending), unit="chunk", desc="Extracting", dynamic_ncols=True)
         self._kept = 0
         calls = 0
+        stages = GroupStages(self.cfg, self.embedder, self._generate,
+                             note=lambda bar, text: bar is not None and self._postfix(bar, text))
         try:
             for number, group in enumerate(groups, start=1):
-                works, group_calls = self._process_group(group, bar)
+                works, group_calls = stages.process_group(group, bar)
                 calls += group_calls
                 items = [(w.chunk["hash"], w.result()) for w in works]
                 progress.append(items)
@@ -365,224 +332,6 @@ class FAISSDataExtractor:
         if stop:
             kwargs["stop"] = stop
         return self.generator.generate(prompts, **kwargs)
-
-    def _process_group(self, group: list[dict], bar=None) -> tuple[list[_Work], int]:
-        """Questions -> retry -> answers -> paraphrases for a group of chunks; one generate call per stage."""
-        from .chunking import split_sentences
-
-        cfg = self.cfg
-        n = cfg.max_pairs_per_chunk
-        emb = self.embedder
-        calls = 0
-
-        def stage(text: str) -> None:
-            if bar is not None:
-                self._postfix(bar, text)
-
-        # Sentences of every chunk, embedded once: evidence, retries and the extractive repair use them.
-        sentence_lists = [[s for s in (" ".join(x.split()) for x in split_sentences(c["text"])) if s] for c in group]
-        flat = [s for ss in sentence_lists for s in ss]
-        vecs = emb.encode(flat) if flat else np.zeros((0, 1), np.float32)
-        works, pos = [], 0
-        for c, ss in zip(group, sentence_lists):
-            works.append(_Work(c, ss, vecs[pos : pos + len(ss)], qa.content_words(c["text"])))
-            pos += len(ss)
-
-        # 1. questions
-        stage(f"questions for {len(group)} chunks")
-        results = self._generate([qa.question_prompt(w.chunk["text"], n) for w in works], qa.question_tokens(n),
-                                 stop=qa.LIST_STOP)
-        calls += 1
-        for w, r in zip(works, results):
-            _count_tokens(w, r)
-            parsed = qa.parse_questions(r.text, truncated=r.finish_reason == "length")
-            w.q_tally.update(parsed.tally)
-            w.counts["questions_generated"] += len(parsed.items)
-            w.candidates = [(q, "chunk", None) for q in parsed.items]
-        self._accept_questions(works, n)
-
-        # 2. one stricter retry for chunks that came up short: one question per unused sentence
-        retry_prompts, retry_owner = [], []
-        for w in works:
-            missing = n - len(w.questions)
-            if missing <= 0:
-                continue
-            for s in self._retry_sentences(w, missing):
-                retry_prompts.append(qa.strict_question_prompt(s))
-                retry_owner.append((w, s))
-            w.counts["retried"] += 1
-        for w in works:
-            w.candidates = []
-        if retry_prompts:
-            stage(f"retrying {len(retry_prompts)} questions")
-            results = self._generate(retry_prompts, 48)
-            calls += 1
-            for (w, s), r in zip(retry_owner, results):
-                _count_tokens(w, r)
-                w.counts["retry_prompts"] += 1
-                parsed = qa.parse_questions(r.text, truncated=r.finish_reason == "length", limit=1)
-                w.q_tally.update(parsed.tally)
-                w.counts["questions_generated"] += len(parsed.items)
-                w.candidates += [(q, "retry", s) for q in parsed.items]
-            before = {id(w): len(w.questions) for w in works}
-            self._accept_questions(works, n)
-            for w in works:
-                w.counts["retry_kept"] += len(w.questions) - before[id(w)]
-
-        # 3. answers, from each question's best sentences
-        asks = [(w, q) for w in works for q in w.questions]
-        if asks:
-            stage(f"answering {len(asks)} questions")
-            prompts = [qa.answer_prompt(q["question"], self._evidence(w, q)) for w, q in asks]
-            results = self._generate(prompts, cfg.answer_max_new_tokens, stop=qa.ANSWER_STOP)
-            calls += 1
-            for (w, q), r in zip(asks, results):
-                _count_tokens(w, r)
-            self._check_answers(asks, [r for r in results], [r.finish_reason == "length" for r in results])
-
-        # 4. paraphrases that share the answer
-        for w in works:
-            for q in w.questions:
-                q["variations"] = []
-        if cfg.augment:
-            asks = [(w, q) for w in works for q in w.questions]
-            if asks:
-                v = cfg.variations_per_question
-                stage(f"paraphrasing {len(asks)} questions")
-                results = self._generate([qa.variation_prompt(q["question"], v) for _, q in asks], qa.variation_tokens(v),
-                                         stop=qa.LIST_STOP)
-                calls += 1
-                for (w, q), r in zip(asks, results):
-                    _count_tokens(w, r)
-                    parsed = qa.parse_variations(r.text, q["question"], v + 2, truncated=r.finish_reason == "length")
-                    w.v_tally.update(parsed.tally)
-                    w.counts["variations_generated"] += len(parsed.items)
-                    q["variation_candidates"] = parsed.items
-                self._filter_variations(asks, v)
-        for w in works:
-            w.counts["questions_kept"] = len(w.questions)
-            w.counts["variations_kept"] = sum(len(q["variations"]) for q in w.questions)
-        return works, calls
-
-    def _accept_questions(self, works: list[_Work], n: int) -> None:
-        """Filter each chunk's candidate questions; near-duplicates (within the chunk) dropped."""
-        cfg = self.cfg
-        texts = [q for w in works for q, _, _ in w.candidates]
-        vecs = self.embedder.encode(texts) if texts else None
-        pos = 0
-        for w in works:
-            for q, origin, sentence in w.candidates:
-                vec = vecs[pos]
-                pos += 1
-                reason = None
-                if qa.support(q, w.words) < cfg.min_question_support:
-                    reason = "not_in_chunk"
-                elif any(float(vec @ k["vec"]) >= cfg.near_duplicate_threshold for k in w.questions):
-                    reason = "near_duplicate"
-                elif len(w.questions) >= n:
-                    reason = "over_limit"
-                if reason:
-                    w.q_tally.dropped[reason] += 1
-                    continue
-                w.questions.append({"question": q, "origin": origin, "sentence": sentence, "vec": vec})
-
-    def _retry_sentences(self, w: _Work, missing: int) -> list[str]:
-        """The chunk's informative sentences no kept question is about yet, best first."""
-        covered: set[int] = set()
-        for q in w.questions:
-            if len(w.sentences):
-                covered.add(int(np.argmax(w.sentence_vecs @ q["vec"])))
-        candidates = [
-            (len(qa.content_words(s)), i) for i, s in enumerate(w.sentences)
-            if i not in covered and qa.word_count(s) >= 6 and not s.rstrip().endswith("?")
-        ]
-        candidates.sort(key=lambda t: (-t[0], t[1]))
-        return [w.sentences[i] for _, i in candidates[:missing]]
-
-    def _evidence(self, w: _Work, q: dict) -> str:
-        """The sentences of the chunk most related to the question, in document order."""
-        if not w.sentences:
-            return w.chunk["text"][: self.cfg.evidence_chars]
-        qwords = qa.content_words(q["question"])
-        scores = [
-            float(w.sentence_vecs[i] @ q["vec"]) + 0.25 * len(qwords & qa.content_words(s)) / max(1, len(qwords))
-            for i, s in enumerate(w.sentences)
-        ]
-        chosen: list[int] = []
-        used = 0
-        for i in sorted(range(len(w.sentences)), key=lambda i: -scores[i]):
-            if chosen and used + len(w.sentences[i]) > self.cfg.evidence_chars:
-                continue
-            chosen.append(i)
-            used += len(w.sentences[i])
-        return " ".join(w.sentences[i] for i in sorted(chosen))
-
-    def _check_answers(self, asks: list[tuple[_Work, dict]], results, truncated: list[bool]) -> None:
-        """Parse and ground each answer; a failed one is repaired with the best chunk sentence."""
-        cfg = self.cfg
-        parsed = []
-        for (w, q), r, cut in zip(asks, results, truncated):
-            answer, tally = qa.parse_answer(r.text, q["question"], truncated=cut)
-            w.a_tally.update(tally)
-            parsed.append(answer)
-        texts = [a for a in parsed if a]
-        vecs = self.embedder.encode(texts) if texts else None
-        pos = 0
-        keep: dict[int, list[dict]] = {}
-        for (w, q), answer in zip(asks, parsed):
-            reason = None
-            if answer is None:
-                reason = "unusable"  # the parse tally holds the cause (empty, refused, truncated, ...)
-            else:
-                vec = vecs[pos]
-                pos += 1
-                grounded, reason, trimmed = qa.ground_answer(answer, q["question"], w.words, cfg.min_answer_support)
-                if reason is None and len(w.sentences) and float(np.max(w.sentence_vecs @ vec)) < cfg.min_answer_cosine:
-                    reason = "off_topic"
-                if reason is None:
-                    answer = grounded
-                    if trimmed:
-                        w.a_tally.repaired["ungrounded_sentences_cut"] += 1
-            if reason is None:
-                q["answer"], q["answer_source"] = answer, "model"
-                w.counts["answers_model"] += 1
-            else:
-                if reason != "unusable":  # unusable ones are already counted by cause in the parse tally
-                    w.a_tally.dropped[reason] += 1
-                best = qa.best_sentence(qa.content_words(q["question"]), w.sentences, q["vec"], w.sentence_vecs)
-                if best is None:
-                    w.q_tally.dropped["not_answerable"] += 1
-                    continue
-                sentence = w.sentences[best[0]]
-                if qa.word_count(sentence) > qa.MAX_ANSWER_WORDS:
-                    w.q_tally.dropped["not_answerable"] += 1
-                    continue
-                q["answer"], q["answer_source"] = sentence, "extractive"
-                w.counts["answers_extractive"] += 1
-            keep.setdefault(id(w), []).append(q)
-        for w in {id(w): w for w, _ in asks}.values():
-            w.questions = keep.get(id(w), [])
-
-    def _filter_variations(self, asks: list[tuple[_Work, dict]], limit: int) -> None:
-        """Drop paraphrases too close to their source or a sibling, or too far from the source; keep ``limit``."""
-        thr = self.cfg.variation_duplicate_threshold
-        texts = [v for _, q in asks for v in q["variation_candidates"]]
-        vecs = self.embedder.encode(texts) if texts else None
-        pos = 0
-        for w, q in asks:
-            kept_vecs = [q["vec"]]
-            for v in q.pop("variation_candidates"):
-                vec = vecs[pos]
-                pos += 1
-                if any(float(vec @ k) >= thr for k in kept_vecs):
-                    w.v_tally.dropped["near_duplicate"] += 1
-                elif float(vec @ q["vec"]) < self.cfg.min_variation_cosine:
-                    w.v_tally.dropped["meaning_changed"] += 1
-                elif len(q["variations"]) >= limit:
-                    w.v_tally.dropped["over_limit"] += 1
-                else:
-                    q["variations"].append(v)
-                    kept_vecs.append(vec)
 
     # -- assembly ------------------------------------------------------------
     def _assemble(self, state, selected: list[dict], results: dict[str, dict], settings: dict, display: str):
@@ -643,7 +392,7 @@ class FAISSDataExtractor:
                     val_questions.append(v)
         if cfg.include_restatements:
             records += self._restatements(selected, val_questions, drops)
-        return records, self._stats(selected, results, records, drops, display)
+        return records, extraction_stats.dataset_stats(selected, results, records, drops, display)
 
     def _restatements(self, selected: list[dict], val_questions: list[str], drops: dict[str, Counter]) -> list[dict]:
         """(d): generator-free items from each chunk's sentences, all train.
@@ -687,99 +436,6 @@ class FAISSDataExtractor:
             out.append(rec)
         return out
 
-    def _stats(self, selected, results, records, drops, display) -> dict:
-        per_doc: dict[str, dict] = {}
-        for c in selected:
-            d = per_doc.setdefault(c["document"], _empty_doc_stats(c["version"]))
-            d["chunks"] += 1
-            r = results.get(c["hash"])
-            if r is None:
-                d["chunks_without_result"] += 1
-                continue
-            cnt = r["counts"]
-            d["questions_generated"] += cnt.get("questions_generated", 0)
-            d["retry_prompts"] += cnt.get("retry_prompts", 0)
-            d["questions_from_retry"] += cnt.get("retry_kept", 0)
-            d["variations_generated"] += cnt.get("variations_generated", 0)
-            d["answers"]["model"] += cnt.get("answers_model", 0)
-            d["answers"]["extractive"] += cnt.get("answers_extractive", 0)
-            d["generated_tokens"] += r.get("tokens", {}).get("new", 0)
-            for part, key in (("questions_tally", "questions"), ("answers_tally", "answers_parse"),
-                              ("variations_tally", "variations")):
-                t = r.get(part, {})
-                d["repaired"][key].update(t.get("repaired", {}))
-                d["dropped"][key].update(t.get("dropped", {}))
-        for doc, reasons in drops.items():
-            for reason, n in reasons.items():
-                key = ("variations" if reason.startswith("variation_") else
-                       "restatements" if reason.startswith("restatement_") else "questions")
-                per_doc[doc]["dropped"][key][reason] += n
-        for rec in records:
-            d = per_doc[rec["document"]]
-            d["records"] += 1
-            d["records_" + rec["split"]] += 1
-            d["records_by_kind"][rec["kind"]] += 1
-            if rec["split"] == "validation":
-                d["validation_by_kind"][rec["kind"]] += 1
-            if rec["kind"] == "original":
-                d["questions_kept"] += 1
-                d["families_" + rec["split"]] += 1
-            elif rec["kind"] == "variation":
-                d["variations_kept"] += 1
-            if rec.get("answer_kind"):
-                d["span_answers_by_kind"][rec["answer_kind"]] += 1
-        overall = _empty_doc_stats(None)
-        for d in per_doc.values():
-            _add_into(overall, d)
-        out_docs = {name: _finish_doc(d) for name, d in sorted(per_doc.items())}
-        overall = _finish_doc(overall)
-        overall.pop("version", None)
-        return {
-            "format": formats.STATS_FORMAT,
-            "format_version": formats.STATS_FORMAT_VERSION,
-            "created": _now_iso(),
-            "overall": overall,
-            "documents": out_docs,
-            "generation": {"model": display},
-            "notes": {
-                "answers.extractive": "answers repaired with the chunk sentence that best answers the question, "
-                "used where the model's answer was unusable or not grounded in the chunk",
-                "dropped": "by reason; questions: parsing problems and filters; answers_parse: why a model answer "
-                "was rejected before the extractive repair (the question is kept when the repair succeeds); "
-                "restatements: items too close to a validation question (the leakage rule)",
-                "records_by_kind": "document = a chunk's text (LM loss on all tokens); original = generated question; "
-                "variation = its paraphrase; wh / cloze = a sentence's answer span asked for; about = a sentence "
-                "asked for by its topic; facts = the sentences about one name, as a list",
-                "split": "validation holds out question families (a question and its paraphrases) of chunks that "
-                "are also trained on; every chunk is in training",
-            },
-        }
-
-    def _run_stats(self, wall, selected, generated, reused, calls, before) -> dict:
-        out = {
-            "wall_time_s": round(wall, 2),
-            "model_load_s": round(self._load_seconds, 2),
-            "chunks_selected": selected,
-            "chunks_generated": generated,
-            "chunks_reused": reused,
-            "generate_calls": calls,
-        }
-        gen = self._generator
-        if before is not None and gen is not None:
-            s = gen.stats
-            new = s.new_tokens - before.new_tokens
-            secs = s.seconds - before.seconds
-            out.update(
-                generated_tokens=new,
-                prompt_tokens=s.prompt_tokens - before.prompt_tokens,
-                prompts=s.prompts - before.prompts,
-                generation_time_s=round(secs, 2),
-                tokens_per_s=round(new / secs, 1) if secs > 0 else None,
-                # everything but loading models, over the time inside generate: the pipeline's overhead
-                wall_over_generation=round((wall - self._load_seconds) / secs, 3) if secs > 0 else None,
-            )
-        return out
-
     def _lineage(self, state, selected: list[dict]) -> dict:
         names = {c["document"] for c in selected}
         docs = state.versions["documents"]
@@ -800,64 +456,6 @@ def _where(c: dict) -> dict:
 def _tok_s(gen) -> float:
     stats = getattr(gen, "stats", None)
     return stats.tokens_per_s if stats is not None else 0.0
-
-
-def _count_tokens(w: _Work, r) -> None:
-    w.tokens["new"] += r.new_tokens
-    w.tokens["prompt"] += r.prompt_tokens
-    w.tokens["prompts"] += 1
-
-
-def _empty_doc_stats(version) -> dict:
-    return {
-        "version": version,
-        "chunks": 0,
-        "chunks_without_result": 0,
-        "questions_generated": 0,
-        "retry_prompts": 0,
-        "questions_from_retry": 0,
-        "questions_kept": 0,
-        "variations_generated": 0,
-        "variations_kept": 0,
-        "records": 0,
-        "records_train": 0,
-        "records_validation": 0,
-        "families_train": 0,
-        "families_validation": 0,
-        "records_by_kind": Counter(),
-        "validation_by_kind": Counter(),
-        "span_answers_by_kind": Counter(),
-        "answers": Counter(),
-        "repaired": {k: Counter() for k in ("questions", "answers_parse", "variations")},
-        "dropped": {k: Counter() for k in ("questions", "answers_parse", "variations", "restatements")},
-        "generated_tokens": 0,
-    }
-
-
-def _add_into(total: dict, d: dict) -> None:
-    for k, v in d.items():
-        if k == "version":
-            continue
-        if isinstance(v, dict) and not isinstance(v, Counter):
-            for kk, c in v.items():
-                total[k][kk].update(c)
-        elif isinstance(v, Counter):
-            total[k].update(v)
-        else:
-            total[k] += v
-
-
-def _finish_doc(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Counter):
-            out[k] = {"model": v.get("model", 0), "extractive": v.get("extractive", 0)} if k == "answers" else _counter_dict(v)
-        elif isinstance(v, dict):
-            out[k] = {kk: _counter_dict(c) for kk, c in v.items()}
-        else:
-            out[k] = v
-    out["dropped_total"] = {k: sum(c.values()) for k, c in out["dropped"].items()}
-    return out
 
 
 read_dataset = formats.read_dataset  # (kept for callers of the old name)
