@@ -90,6 +90,7 @@ class EncryptedStore:
     def __init__(self, directory: str | os.PathLike | None = None):
         self.dir = Path(directory) if directory is not None else config.storage_dir()
         self._cipher: Cipher | None = None
+        self._cipher_sig: tuple = ()  # key files' (name, inode, mtime) when the cipher was loaded
         self._tightened = False  # modes checked once per object: a few stat calls
 
     # -- paths and key -----------------------------------------------------
@@ -107,9 +108,22 @@ class EncryptedStore:
         except FileNotFoundError:
             return None
 
+    def _key_files_signature(self) -> tuple:
+        out = []
+        for name in KEY_FILES:
+            try:
+                st = (self.dir / name).stat()
+                out.append((name, st.st_ino, st.st_mtime_ns))
+            except FileNotFoundError:
+                pass
+        return tuple(out)
+
     def cipher(self, create: bool = False) -> Cipher:
-        if self._cipher is None:
+        """The store's cipher; loaded again when key.key or kdf.json changed (a rekey by another process)."""
+        sig = self._key_files_signature()
+        if self._cipher is None or sig != self._cipher_sig:
             self._cipher = load_or_create_cipher(self.dir, create=create)
+            self._cipher_sig = self._key_files_signature()
         return self._cipher
 
     def key_beside_data_warning(self) -> str | None:
@@ -275,7 +289,7 @@ class EncryptedStore:
             self._recover()
             state = self._read_unlocked()  # with the current key: NoStoreError / WrongKeyError as for any read
             self._commit(state, secret.cipher, secret)
-            self._cipher = secret.cipher
+            self._cipher, self._cipher_sig = secret.cipher, self._key_files_signature()
             return state
 
     @contextmanager

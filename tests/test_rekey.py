@@ -350,3 +350,19 @@ def test_list_warns_once_when_key_sits_beside_data(monkeypatch, capsys):
     capsys.readouterr()
     assert run_main(monkeypatch, "list") == 0
     assert "Warning" not in capsys.readouterr().err
+
+
+def test_a_running_process_follows_a_key_file_rekey(monkeypatch):
+    """An app holding the old key file's cipher picks up the new key.key; nothing is written under the old key."""
+    make_store()
+    running = EncryptedStore()
+    running.read()  # the app's store object, cipher cached
+    EncryptedStore().rekey(crypto.new_secret())  # the CLI, another object (another process in real life)
+    assert running.read().index_bytes == b"index bytes"  # reloaded from the new key.key
+    monkeypatch.setenv("MEMCHAT_NEW_PASSPHRASE", NEW_PASS)
+    assert run_main(monkeypatch, "rekey") == 0  # now to a passphrase the running process does not have
+    with pytest.raises(StoreError, match="opens with a passphrase"):
+        running.read()
+    with pytest.raises(StoreError):
+        with running.transaction():  # a writer with a stale key cannot commit: its read fails first
+            pass
