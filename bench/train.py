@@ -6,7 +6,7 @@
     python bench/train.py --model gpt2-124m --tokenizer DIR --grad-accum 8 --steps 10   # GPU, the guide's recipe
 
 Mem_Chat  answer-only labels, each batch padded to its own longest example, batches grouped
-          by length (memchat.training, through the Hugging Face Trainer it really uses).
+          by length (memchat.training, through the TRL SFTTrainer it really uses).
 naive     every example padded to --max-length, labels on every token (padding included),
           random batches: the classic DialoGPT fine-tuning script.
 
@@ -101,9 +101,11 @@ def make_qa_dev_dataset(path: Path, qa_dev: Path = QA_DEV) -> Path:
                     records.append(
                         {"id": f"{qid}-{k}", "question": template.format(q=q["question"]), "kind": "variation", **base}
                     )
+    from memchat.formats import DATASET_FORMAT, DATASET_FORMAT_VERSION
+
     doc = {
-        "format": "memchat-training-data",
-        "format_version": 1,
+        "format": DATASET_FORMAT,
+        "format_version": DATASET_FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "generator_model": "qa_dev (SQuAD v1.1 dev) via bench/train.py",
         "settings": {},

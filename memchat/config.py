@@ -28,9 +28,9 @@ STATS_FILENAME = "training_stats.json"
 FINETUNED_DIRNAME = "finetuned_model"
 FINETUNED_META_FILENAME = "memchat_model_meta.json"
 
-# Format versions of what we write; loaders refuse anything else.
+# Format versions of what we write; loaders refuse anything else. (The training data's,
+# the stats' and the model meta's live with their readers and writers in memchat.formats.)
 STORE_FORMAT_VERSION = 1
-DATASET_FORMAT_VERSION = 1
 
 # Model names
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
