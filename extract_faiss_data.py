@@ -124,6 +124,9 @@ def extract(args) -> int:
     extractor = FAISSDataExtractor(extract_config=cfg, generator=generator, output_dir=args.output_dir,
                                    progress=not args.quiet, notify=lambda line: print(line, file=sys.stderr, flush=True))
     path = extractor.create_training_dataset(restart=args.restart)
+    from memchat import fsperm
+
+    fsperm.tighten_tree(extractor.output_dir)  # whatever a library left 0644 there (its lock file)
 
     r = extractor.report
     run, overall = r.stats["run"], r.stats["overall"]

@@ -325,3 +325,26 @@ def test_onnx_runtime_telemetry_is_disabled_when_the_embedder_loads(monkeypatch)
     monkeypatch.setattr(onnxruntime, "disable_telemetry_events", lambda: calls.append(1) or real())
     assert Embedder(backend="onnx-int8").encode(["one sentence"]).shape == (1, 384)
     assert calls, "disable_telemetry_events was not called"
+
+
+# ---------------------------------------------------------------------------
+# The whole pipeline's folders, every file and folder in them, under umask 022
+# ---------------------------------------------------------------------------
+def _script(monkeypatch, script: str, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    return exc.value.code
+
+
+def test_training_data_and_model_are_owner_only_under_umask_022(monkeypatch, capsys, umask_022, tiny_gpt2_dir):
+    from tests.test_finetuned import fake_embedder
+
+    fake_embedder(monkeypatch)
+    KnowledgeBase(embedder=FakeEmbedder()).add_documents(QA_PDFS[:1])
+    assert _script(monkeypatch, "extract_faiss_data.py", "--no-questions", "--quiet") == 0, capsys.readouterr().err
+    assert _script(monkeypatch, "train_conversational.py", "--model", str(tiny_gpt2_dir), "--max-steps", "1",
+                   "--quiet") == 0, capsys.readouterr().err
+    for folder in (config.training_dir(), config.finetuned_dir()):
+        assert len(modes(folder)) > 2, folder  # something was written
+        assert_private(folder)  # recursively: runs/, hidden files, exports
