@@ -126,13 +126,16 @@ def test_fsperm_helpers_under_umask_022(tmp_path, umask_022):
 
 
 def test_eval_results_are_owner_only(tmp_path, umask_022):
-    from memchat.evaluate import Report
+    from memchat.evaluate import EvalConfig, evaluate
+    from tests.test_evaluate import QS, FixedSystem
 
     out = tmp_path / "eval_results"
-    out.mkdir(mode=0o755)
-    report = Report.__new__(Report)  # the writers only need to_dict()
-    report.to_dict = lambda: {"answers": ["a sentence from a document"]}
+    out.mkdir(mode=0o755)  # as an older run left it
+    report = evaluate(QS, [FixedSystem("rag", {q.question: q.answers[0] for q in QS})], EvalConfig(batch_size=4, top_k=1),
+                      questions_file="qs.jsonl")
     report.save_json(out / "run.json")
+    report.save_chart(out / "run.png")  # matplotlib writes 0644 on its own
+    assert set(modes(out)) == {".", "run.json", "run.png"}
     assert_private(out)
 
 
