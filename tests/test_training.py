@@ -613,7 +613,6 @@ def test_user_dataset_of_another_shape_is_one_line(monkeypatch, capsys, restore_
     assert 'record 1 (a, q) is none of {"question", "answer"}, {"instruction", "output"} or {"messages": [...]}' in err
 
 
-@pytest.mark.slow
 def test_two_process_accelerate_launch_on_cpu(tiny_gpt2_dir):
     """The scale-out path: accelerate launch, 2 CPU processes (gloo), one saved model.
 
