@@ -167,11 +167,12 @@ def render() -> None:
             generator = get_generator(model_name)
         if generator.notice:
             st.warning(generator.notice)
-        rag = RAGPipeline(attach_embedder(kb), generator, generation=GenerationConfig(model_name=model_name))
-        if mode in ("Hybrid", "Compare"):
-            from memchat.hybrid import HybridPipeline
+        with errors_shown():
+            rag = RAGPipeline(attach_embedder(kb), generator, generation=GenerationConfig(model_name=model_name))
+            if mode in ("Hybrid", "Compare"):
+                from memchat.hybrid import HybridPipeline
 
-            hybrid = HybridPipeline(rag, chat, strategy=strategy)
+                hybrid = HybridPipeline(rag, chat, strategy=strategy)
 
     if prompt := st.chat_input("Ask a question about your documents"):
         st.session_state.hybrid_messages.append({"role": "user", "content": prompt})

@@ -87,9 +87,9 @@ def render() -> None:
             show_text(prompt)
         from memchat.rag import RAGPipeline
 
-        rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name))
         with st.chat_message("assistant"):
             with errors_shown():
+                rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name))
                 pieces, answer = rag.stream(prompt)
                 stream_text(pieces)
             show_sources(answer)
