@@ -151,7 +151,9 @@ class SharedEngine:
         self._worker: threading.Thread | None = None
         self._closed = False
 
-    def __getattr__(self, name):  # resolved, notice, stats, format_prompt, _encode, ...
+    def __getattr__(self, name):  # resolved, notice, stats, model, format_prompt, _encode, ...
+        if name == "inner":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def generate(self, batch, **kwargs):
@@ -620,7 +622,7 @@ def create_app(service: MemChatService, *, api_key: str | None):
         if not ctype.startswith("multipart/form-data"):
             raise APIError(400, "Upload PDFs as multipart/form-data with one or more 'file' parts.",
                            code="invalid_upload")
-        files = parse_multipart_files(raw, ctype)
+        files = await run_in_threadpool(parse_multipart_files, raw, ctype)
         if not files:
             raise APIError(400, "No 'file' part with a filename in the upload.", code="invalid_upload", param="file")
         results = await run_in_threadpool(service.add, files)
