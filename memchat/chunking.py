@@ -54,11 +54,14 @@ def chunk_pages(
     chunk_size: int = 1000,
     chunk_overlap: int = 200,
     min_chunk_chars: int = 20,
+    max_chunks: int | None = None,
 ) -> list[Chunk]:
     """Cut one document's pages into overlapping chunks (sizes in characters).
 
     ``pages`` are ``Page`` objects or ``(number, text)`` pairs, numbers increasing.
     Pages with no text are skipped. Raises ValueError for impossible sizes.
+    With ``max_chunks``, cutting stops at ``max_chunks + 1`` chunks: a caller enforcing a
+    cap learns that it is passed without paying for the rest of the document.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0 characters, got {chunk_size}")
@@ -69,7 +72,7 @@ def chunk_pages(
 
     text, offsets, numbers = _join_pages(pages)
     chunks = []
-    for index, (start, end) in enumerate(_spans(text, chunk_size, chunk_overlap, min_chunk_chars)):
+    for index, (start, end) in enumerate(_spans(text, chunk_size, chunk_overlap, min_chunk_chars, limit=max_chunks)):
         piece = text[start:end]
         chunks.append(
             Chunk(
@@ -139,7 +142,9 @@ _CJK = "\u3001-\u303f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-
 _CLOSERS = "\"'”’»)\\]」』）"
 # Candidate sentence ends: Latin punctuation followed by a space or CJK (so "3.14", "a.b" and
 # "x!=y" are not), or ideographic punctuation, which needs nothing after it.
-_SENTENCE_END = re.compile(rf"[.!?…]+[{_CLOSERS}]*(?=\s|$|[{_CJK}])|[。｡！？]+[{_CLOSERS}]*")
+# Each run of punctuation is tried once, whole (look-behind, possessive): "!!!!...a" would
+# otherwise be retried from every character of the run, quadratic in its length.
+_SENTENCE_END = re.compile(rf"(?<![.!?…])[.!?…]++[{_CLOSERS}]*+(?=\s|$|[{_CJK}])|(?<![。｡！？])[。｡！？]++[{_CLOSERS}]*+")
 # A paragraph break (a blank line); the cut goes at its first newline.
 _PARA_BREAK = re.compile(r"\n[^\S\n]*\n")
 _NON_SPACE = re.compile(r"\S")
@@ -207,9 +212,12 @@ def _rstrip(text: str, start: int, end: int) -> int:
 
 
 def _spans(
-    text: str, size: int, overlap: int, min_chars: int, use_sentences: bool = True
+    text: str, size: int, overlap: int, min_chars: int, use_sentences: bool = True, limit: int | None = None
 ) -> list[tuple[int, int]]:
-    """(start, end) offsets of the chunks: stripped, each at most ``size`` long (see module doc)."""
+    """(start, end) offsets of the chunks: stripped, each at most ``size`` long (see module doc).
+
+    With ``limit``, stops once there are ``limit + 1`` spans.
+    """
     n = len(text)
     paras = _paragraph_breaks(text) if use_sentences else []
     sents = _boundaries(text, paras) if use_sentences else []  # includes paragraph breaks
@@ -234,6 +242,8 @@ def _spans(
             break
         end = _rstrip(text, start, cut)
         spans.append((start, end))
+        if limit is not None and len(spans) > limit:
+            break
         start = max(_next_start(text, sents, start, end, overlap), start + 1)
         start = _skip_space(text, start)
     return spans

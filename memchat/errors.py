@@ -31,6 +31,14 @@ class BadDocumentError(MemChatError):
         super().__init__(f"{name}: {reason}")
 
 
+class LimitError(BadDocumentError):
+    """A document is over an ingestion cap (``config.IngestConfig``); the reason names the variable to raise."""
+
+
+class ConfigError(MemChatError):
+    """A setting (an environment variable) has a value that cannot be used."""
+
+
 class ModelUnavailableError(MemChatError):
     """A model could not be loaded and no fallback applies."""
 

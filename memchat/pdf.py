@@ -34,7 +34,7 @@ import logging
 import re
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,8 @@ from pathlib import Path
 import pypdf
 from pypdf import PasswordType
 
-from memchat.errors import BadDocumentError
+from memchat.config import IngestConfig
+from memchat.errors import BadDocumentError, LimitError
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,33 @@ class ExtractedDocument:
         return len(self.pages)
 
 
+PageFn = Callable[[int, int, str], None]  # (pages done, pages in all, stage: "text" | "OCR")
+
+
 # ---------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------
 _REPAIR_HINT = "re-save it from a PDF viewer (Print -> Save as PDF) or repair it, e.g. qpdf in.pdf repaired.pdf"
 
 
-def extract_pdf(data: bytes, name: str, password: str | None = None) -> ExtractedDocument:
+def extract_pdf(
+    data: bytes,
+    name: str,
+    password: str | None = None,
+    *,
+    limits: IngestConfig | None = None,
+    on_page: PageFn | None = None,
+) -> ExtractedDocument:
     """Extract and clean the text of every page of a PDF given as bytes.
 
     Raises BadDocumentError for an empty file, a file that is not a PDF, a damaged PDF,
-    a password-protected PDF without the right password, and a PDF with no text at all.
+    a password-protected PDF without the right password, and a PDF with no text at all;
+    LimitError (a BadDocumentError) for a file over a cap of ``limits`` (bytes, pages,
+    characters), checked as extraction goes so that it stops at the cap.
     A page whose extraction fails is logged and kept empty; the rest of the file is used.
+    ``on_page`` is called after each page.
     """
+    limits = limits or IngestConfig()
     if not data:
         raise BadDocumentError(name, "is empty (0 bytes); the upload or download probably failed, so fetch the file again")
     # The spec puts %PDF- first; readers (and we) accept it anywhere in the first 1 KiB.
@@ -84,11 +99,15 @@ def extract_pdf(data: bytes, name: str, password: str | None = None) -> Extracte
         raise BadDocumentError(
             name, f"is not a PDF ({_sniff(data)}); only PDF files can be added, so export or print it to PDF first"
         )
+    _check_size(len(data), name, limits)
     sha256 = hashlib.sha256(data).hexdigest()
 
     with _pypdf_notes() as notes:
         reader = _open(data, name, password)
-        raw_pages, failures = _extract_raw(reader, name)
+        if len(reader.pages) > limits.max_pages:
+            raise LimitError(name, f"has {len(reader.pages):,} pages, over the {limits.max_pages:,}-page limit; "
+                             "raise MEMCHAT_MAX_PAGES if you trust it")
+        raw_pages, failures = _extract_raw(reader, name, limits.max_chars, on_page)
     if notes:
         level = logging.WARNING if any(lvl >= logging.ERROR for lvl, _ in notes) else logging.INFO
         log.log(level, "%s: pypdf met %d problem(s) while reading, first: %s", name, len(notes), notes[0][1])
@@ -114,20 +133,30 @@ def extract_pdf(data: bytes, name: str, password: str | None = None) -> Extracte
     return ExtractedDocument(name=name, sha256=sha256, pages=pages)
 
 
-def extract_pdf_file(path: str | Path, password: str | None = None) -> ExtractedDocument:
-    """``extract_pdf`` on a file; the document's name is the file name."""
+def extract_pdf_file(
+    path: str | Path, password: str | None = None, *, limits: IngestConfig | None = None, on_page: PageFn | None = None
+) -> ExtractedDocument:
+    """``extract_pdf`` on a file; the document's name is the file name. A file over the byte cap is not read."""
     path = Path(path)
+    limits = limits or IngestConfig()
     try:
+        _check_size(path.stat().st_size, path.name, limits)  # before holding it in memory
         data = path.read_bytes()
     except OSError as exc:
         # A missing or unreadable file is the user's document problem, reported the same way.
         raise BadDocumentError(path.name, f"cannot be read ({exc.strerror or exc}); check the path {path}") from exc
-    return extract_pdf(data, path.name, password=password)
+    return extract_pdf(data, path.name, password=password, limits=limits, on_page=on_page)
 
 
 # ---------------------------------------------------------------------------
 # Opening and extracting
 # ---------------------------------------------------------------------------
+def _check_size(size: int, name: str, limits: IngestConfig) -> None:
+    if size > limits.max_file_bytes:
+        raise LimitError(name, f"is {_size(size)}, over the {_size(limits.max_file_bytes)} limit per file; "
+                         "raise MEMCHAT_MAX_FILE_BYTES if you trust it")
+
+
 def _open(data: bytes, name: str, password: str | None) -> pypdf.PdfReader:
     # pypdf on malformed input can raise almost anything (PdfReadError, KeyError,
     # ValueError, RecursionError...), so the boundary catches Exception and reports it.
@@ -166,20 +195,64 @@ def _open(data: bytes, name: str, password: str | None) -> pypdf.PdfReader:
     return reader
 
 
-def _extract_raw(reader: pypdf.PdfReader, name: str) -> tuple[list[str], list[str]]:
-    """Raw pypdf text per page (a page that fails is logged and becomes ""), and the failures."""
+class _OverCap(Exception):
+    """Raised from inside pypdf's text visitor: the character cap is passed mid-page."""
+
+
+def _extract_raw(
+    reader: pypdf.PdfReader, name: str, max_chars: int, on_page: PageFn | None = None
+) -> tuple[list[str], list[str]]:
+    """Raw pypdf text per page (a page that fails is logged and becomes ""), and the failures.
+
+    Raises LimitError as soon as the text passes ``max_chars``: pypdf calls a visitor for
+    every piece of text it shows, so one page of a huge content stream stops at the cap too.
+    """
     texts: list[str] = []
     failures: list[str] = []
     num_pages = len(reader.pages)
+    used = 0  # characters of the pages so far
     for i in range(num_pages):
+        seen, text = 0, ""
+
+        def count(piece: str, *_args) -> None:
+            nonlocal seen
+            seen += len(piece)
+            if used + seen > max_chars:
+                raise _OverCap
+
         try:
-            text = reader.pages[i].extract_text() or ""
+            text = reader.pages[i].extract_text(visitor_text=count) or ""
+            if used + len(text) > max_chars:
+                raise _OverCap
+        except _OverCap:
+            cap = _count(max_chars)
+            if i + 1 < num_pages:  # project from the pages read whole (the one cut short, if none)
+                projected = used * num_pages // i if i else max(seen, len(text)) * num_pages
+                size = f"about {_count(max(projected, max_chars + 1))} characters (over {cap} in its first {i + 1:,} of {num_pages:,} pages)"
+            else:
+                size = f"more than {cap} characters"
+            raise LimitError(name, f"expands to {size}, over the {cap} limit; raise MEMCHAT_MAX_CHARS if you trust it") from None
         except Exception as exc:  # one broken content stream must not lose the other pages
             failures.append(_describe(exc))
             log.warning("%s: page %d: text extraction failed (%s); page kept empty", name, i + 1, failures[-1])
             text = ""
+        used += len(text)
         texts.append(text)
+        if on_page:
+            on_page(i + 1, num_pages, "text")
     return texts, failures
+
+
+def _count(n: int) -> str:
+    """5000000 -> "5 million", 33781200 -> "34 million", 1500 -> "1,500"."""
+    if n < 1_000_000:
+        return f"{n:,}"
+    m = n / 1e6
+    return f"{m:.1f}".removesuffix(".0") + " million" if m < 10 else f"{m:,.0f} million"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f}".removesuffix(".0") + " MB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _describe(exc: BaseException) -> str:
@@ -275,7 +348,9 @@ _INVISIBLE = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]"
 _LINE_BREAKS = str.maketrans({"\r": "\n", "\x0b": "\n", "\x0c": "\n", "\u2028": "\n", "\u2029": "\n\n", "\t": " "})
 _SPACES = re.compile(r" {2,}")
 _LETTERS = r"[^\W\d_]"  # a letter in any script
-_HYPHENATED_WORD = re.compile(rf"{_LETTERS}+(?:-{_LETTERS}+)+")
+# Anchored at a word start and possessive: on a run of letters without hyphens (an attack, or a
+# page of one long token) the unanchored form backtracks from every letter, quadratic in the run.
+_HYPHENATED_WORD = re.compile(rf"(?<!{_LETTERS}){_LETTERS}++(?:-{_LETTERS}++)+")
 _WORD = re.compile(rf"{_LETTERS}+")
 _BROKEN_WORD = re.compile(rf"({_LETTERS}+)-$")  # "...com-" at a line end
 _LEADING_WORD = re.compile(rf"{_LETTERS}+")
