@@ -52,6 +52,7 @@ def _listening(pid: int, port: int) -> set[str]:
 
 def _launch_and_read_bind(argv: list[str], cwd: Path, port: int) -> set[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MEMCHAT_APP_PASSWORD", "MEMCHAT_APP_PASSWORD_HASH")}
+    env["HOME"] = str(cwd)  # Streamlit may write ~/.streamlit: keep it in the tmp folder
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
