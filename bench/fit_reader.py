@@ -56,7 +56,8 @@ def collect(name: str, folder: Path, rag, reader, lm_rerank: int, limit: int) ->
                 X[i, lm_col] = max(-10.0, lp - best)
         f1 = np.array([token_f1(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         cont = np.array([contains_gold(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
-        rows.append({"X": X, "f1": f1, "cont": cont, "set": name})
+        rows.append({"X": X, "f1": f1, "cont": cont, "set": name, "q": q["question"], "answers": q["answers"],
+                     "sents": sents, "cands": [sp.text for _, sp in cands], "si": [si for si, _ in cands]})
     print(f"{name}: {len(qs)} questions, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return rows
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--lm-rerank", type=int, default=0, help="also score the best N candidates with the LM (0 = off)")
     p.add_argument("--limit", type=int, default=0, help="first N questions per set")
     p.add_argument("--out", default="", help="write the weights as JSON here")
+    p.add_argument("--dump", default="", help="write every question's candidates and features as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -140,6 +142,9 @@ def main(argv=None) -> int:
     print(json.dumps(weights))
     if args.out:
         Path(args.out).write_text(json.dumps(weights, indent=2))
+    if args.dump:
+        Path(args.dump).write_text(json.dumps([{**r, "X": r["X"].tolist(), "f1": r["f1"].tolist(),
+                                                "cont": r["cont"].tolist()} for r in rows]))
     return 0
 
 

@@ -197,7 +197,7 @@ class RAGConfig:
 class ReaderConfig:
     # Linear weights over reader.FEATURES, fitted by `bench/fit_reader.py --train squad2` (conditional logit on
     # qa_dev_squad2's questions, L2 0.01) and checked on qa_dev and qa_dev_covid, which it never saw.
-    weights: tuple = (10.0, 0.0, 1.0, -1.0, 4.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    weights: tuple = (0.0813, 2.9637, 8.7293, 0.1496, 2.633, -0.9455, 1.2845, 3.8031, 0.7854, 0.7112, 0.3991, 0.7014, 0.0)
     lm_rerank: int = 0  # best N candidates also scored by the LM (0 = off: see bench/fit_reader.py --lm-rerank)
 
 
@@ -258,9 +258,6 @@ class ExtractConfig:
     include_restatements: bool = True  # (d) wh/cloze/about/fact-list items from the sentences, no generator needed
     restatement_spans_per_sentence: int = 2  # answer spans asked about per sentence (each gives a wh + a cloze item)
     fact_lists: bool = True  # "List the facts about X" for names in two or more sentences of a chunk
-    # False: no generator at all (documents + restatements only): minutes instead of hours on a
-    # CPU, but no generated questions, so no validation families either.
-    generate_questions: bool = True
     # False: no generator at all (documents + restatements only): minutes instead of hours on a
     # CPU, but no generated questions, so no validation families either.
     generate_questions: bool = True

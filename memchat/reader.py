@@ -130,7 +130,7 @@ FEATURES = (
 
 
 def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[float], embedder, idf,
-             max_words: int = T.MAX_SPAN_WORDS) -> tuple[list[tuple[int, T.Span]], "np.ndarray"]:
+             max_words: int = T.MAX_SPAN_WORDS) -> tuple[list[tuple[int, T.Span]], object]:
     """Candidate spans of ``sentences`` and their feature rows (n, len(FEATURES)); ``lm`` left at 0."""
     import numpy as np
 

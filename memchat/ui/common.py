@@ -175,8 +175,23 @@ def get_embedder(model_name: str, backend: str):
 def attach_embedder(kb):
     """Give the knowledge base the cached embedder of the model it was built with."""
     spec = kb.embedding_spec() or {}
-    kb._embedder = get_embedder(spec.get("model", kb.embed_cfg.model_name), spec.get("backend", kb.embed_cfg.backend))
+    kb.attach_embedder(get_embedder(spec.get("model", kb.embed_cfg.model_name), spec.get("backend", kb.embed_cfg.backend)))
     return kb
+
+
+@st.cache_resource(show_spinner=False)
+def _knowledge_base_for(storage: str):
+    from memchat.knowledge import KnowledgeBase
+
+    return KnowledgeBase(storage)
+
+
+def shared_knowledge_base():
+    """One KnowledgeBase per server and store folder: its decrypted state is reused across reruns and
+    sessions, and re-read only when the store's files change (a commit by anyone: app, CLI, API)."""
+    from memchat import config
+
+    return attach_embedder(_knowledge_base_for(str(config.storage_dir())))
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from memchat.config import GenerationConfig
 from memchat.errors import MemChatError
 from memchat.hybrid import DEFAULT_STRATEGY, STRATEGIES
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.common import (attach_embedder, errors_shown, generation_settings, get_generator, load_finetuned,
+from memchat.ui.common import (errors_shown, shared_knowledge_base, generation_settings, get_generator, load_finetuned,
                                md_escape, model_summary, require_login, show_sources, show_text, stream_text)
 
 MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
@@ -122,7 +122,7 @@ def render() -> None:
     if "hybrid_messages" not in st.session_state:
         st.session_state.hybrid_messages = []
 
-    kb = KnowledgeBase()
+    kb = shared_knowledge_base()
     reasons, chat = availability(kb)
     available = [m for m in MODES if reasons[m] is None]
     if not available:
@@ -168,7 +168,7 @@ def render() -> None:
         if generator.notice:
             st.warning(generator.notice)
         with errors_shown():
-            rag = RAGPipeline(attach_embedder(kb), generator, generation=GenerationConfig(model_name=model_name))
+            rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name))
             if mode in ("Hybrid", "Compare"):
                 from memchat.hybrid import HybridPipeline
 

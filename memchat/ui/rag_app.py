@@ -16,12 +16,12 @@ import streamlit as st
 
 from memchat.config import GenerationConfig
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.common import (attach_embedder, errors_shown, get_generator, md_escape, require_login, show_sources,
+from memchat.ui.common import (errors_shown, shared_knowledge_base, get_generator, md_escape, require_login, show_sources,
                                show_text, split_oversized, stream_text)
 
 
 def knowledge_base() -> KnowledgeBase:
-    return attach_embedder(KnowledgeBase())
+    return shared_knowledge_base()
 
 
 def sidebar(kb: KnowledgeBase) -> list[dict]:
@@ -69,6 +69,13 @@ def render() -> None:
         st.info("Add PDFs in the sidebar to start. They are stored encrypted in encrypted_faiss_storage/.")
         st.stop()
 
+    from memchat.config import ANSWER_MODES, RAGConfig
+
+    default_mode = RAGConfig().mode  # MEMCHAT_ANSWER_MODE or "auto"
+    mode = st.sidebar.selectbox(
+        "Answer mode", ANSWER_MODES, index=ANSWER_MODES.index(default_mode) if default_mode in ANSWER_MODES else 0,
+        help="extractive: a phrase copied from your documents; generative: the model writes it and Mem_Chat checks "
+             "it against them; auto: extractive for small models, generative for 1B+ models")
     model_name = os.environ.get("MEMCHAT_LLM", GenerationConfig.model_name)
     with errors_shown():
         generator = get_generator(model_name)
@@ -89,8 +96,11 @@ def render() -> None:
 
         with st.chat_message("assistant"):
             with errors_shown():
-                rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name))
+                rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name), mode=mode)
                 pieces, answer = rag.stream(prompt)
-                stream_text(pieces)
+                slot = st.empty()
+                streamed = stream_text(pieces, slot)
+                if streamed.strip() != answer.text.strip():  # a generated draft the evidence did not support
+                    show_text(answer.text, slot)
             show_sources(answer)
         st.session_state.messages.append({"role": "assistant", "content": answer.text, "answer": answer})
