@@ -352,3 +352,18 @@ def test_training_data_and_model_are_owner_only_under_umask_022(monkeypatch, cap
     for folder in (config.training_dir(), config.finetuned_dir()):
         assert len(modes(folder)) > 2, folder  # something was written
         assert_private(folder)  # recursively: runs/, hidden files, exports
+
+
+def test_app_refuses_an_upload_over_the_per_file_cap(monkeypatch):
+    from types import SimpleNamespace
+
+    from memchat.cli import max_file_bytes, max_upload_mb
+    from memchat.ui.common import split_oversized
+
+    monkeypatch.setenv("MEMCHAT_MAX_FILE_BYTES", str(3 << 20))
+    assert max_file_bytes() == 3 << 20 and max_upload_mb() == 3  # what the launchers pass as maxUploadSize
+    small, big = SimpleNamespace(name="a.pdf", size=1000), SimpleNamespace(name="big\n[x](y).pdf", size=(3 << 20) + 1)
+    ok, refused = split_oversized([small, big])
+    assert ok == [small] and len(refused) == 1
+    assert "3,145,729 bytes, over the 3,145,728-byte limit" in refused[0] and "MEMCHAT_MAX_FILE_BYTES" in refused[0]
+    assert "\n" not in refused[0] and "\\[x\\]" in refused[0]  # the name shown safely

@@ -366,3 +366,9 @@ def test_a_running_process_follows_a_key_file_rekey(monkeypatch):
     with pytest.raises(StoreError):
         with running.transaction():  # a writer with a stale key cannot commit: its read fails first
             pass
+
+
+def test_rekey_help(monkeypatch, capsys):
+    assert run_main(monkeypatch, "rekey", "--help") == 0
+    out = capsys.readouterr().out
+    assert "MEMCHAT_NEW_PASSPHRASE" in out and "atomic" in out
