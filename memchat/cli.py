@@ -52,11 +52,9 @@ def add_app_flags(parser, default_port: int) -> None:
 
 def max_file_bytes() -> int:
     """Bytes one uploaded PDF may have: ingestion's per-file cap (IngestConfig, MEMCHAT_MAX_FILE_BYTES)."""
-    from . import config
+    from .config import IngestConfig
 
-    ingest = getattr(config, "IngestConfig", None)
-    cap = getattr(ingest(), "max_file_bytes", None) if ingest is not None else None
-    return int(cap) if cap else config.AppConfig.max_upload_mb << 20
+    return IngestConfig().max_file_bytes
 
 
 def max_upload_mb() -> int:

@@ -211,9 +211,6 @@ class AppConfig:
     rag_port: int = 8501  # Streamlit's own default: `python main.py`
     finetuned_port: int = 8502  # test_finetuned_model.py streamlit
     hybrid_port: int = 8503  # main_hybrid.py
-    # Streamlit's server.maxUploadSize (MB per file) when ingestion defines no per-file cap
-    # (IngestConfig.max_file_bytes, which the launchers and the app otherwise use).
-    max_upload_mb: int = 200
     min_password_chars: int = 12  # MEMCHAT_APP_PASSWORD: ~70 bits as random letters, out of online reach
     login_failure_delay_s: float = 1.0  # each wrong password waits this long: online guessing crawls
     pbkdf2_iterations: int = 600_000  # OWASP 2023 for PBKDF2-HMAC-SHA256 (hashes we make)
