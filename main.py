@@ -5,6 +5,7 @@
     python main.py add FILE.pdf ...     # add or update PDFs in encrypted_faiss_storage/
     python main.py list                 # documents, versions, pages, chunks
     python main.py remove NAME          # remove a document and its chunks
+    python main.py rekey                # re-encrypt under a new key/passphrase (MEMCHAT_NEW_PASSPHRASE, or asks)
     python main.py ask "QUESTION"       # answer with citations on stdout
     python main.py ask "Q" --llm-server http://127.0.0.1:8000/v1   # generate on vLLM / llama-server / Ollama
     python main.py serve                # OpenAI-compatible API on 127.0.0.1:8000 (needs MEMCHAT_API_KEY or --no-auth)
