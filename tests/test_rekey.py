@@ -372,3 +372,16 @@ def test_rekey_help(monkeypatch, capsys):
     assert run_main(monkeypatch, "rekey", "--help") == 0
     out = capsys.readouterr().out
     assert "MEMCHAT_NEW_PASSPHRASE" in out and "atomic" in out
+
+
+def test_rekey_says_when_training_data_was_encrypted_with_the_old_key(monkeypatch, capsys):
+    make_store()
+    old = EncryptedStore().cipher()
+    folder = config.training_dir()
+    folder.mkdir()
+    (folder / config.DATASET_FILENAME).write_bytes(old.encrypt(b"{}"))  # as extract_faiss_data.py --encrypt writes
+    (folder / config.STATS_FILENAME).write_text("{}")  # plain: not mentioned
+    assert run_main(monkeypatch, "rekey") == 0
+    err = capsys.readouterr().err
+    assert "encrypted with the old key" in err and config.DATASET_FILENAME in err and config.STATS_FILENAME not in err
+    assert "extract_faiss_data.py --encrypt --restart" in err
