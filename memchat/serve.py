@@ -22,9 +22,11 @@ whose ``finish_reason`` is set):
   citations  [{"index", "document", "page_start", "page_end", "citation", "passage",
              "score"}] the chunks the answer was made from, best first ("passage" is
              the chunk's text); [] for memchat-finetuned and the base model.
-  memchat    {"model", "evidence", "abstained", "mode", "route"}: the engine that
-             wrote the answer, the sentence it rests on, and whatever the pipeline
-             reports about how it answered (absent keys: not reported).
+  memchat    {"model", "evidence", "abstained", "mode", "status", "route"}: the engine
+             that wrote the answer, the sentence it rests on, and whatever the pipeline
+             reports about how it answered (absent keys: not reported). On the last
+             stream chunk, "text" is the answer to show when the pipeline replaced the
+             streamed draft (a generative answer that failed verification).
 
 Request fields beyond OpenAI's, honoured for the base model (vLLM's names):
 ``repetition_penalty``, and ``prompt_logprobs`` with ``add_generation_prompt`` /
@@ -414,7 +416,7 @@ def _answer_reply(answer) -> Reply:
         for i, h in enumerate(answer.hits, 1)
     ]
     meta = {"model": answer.model, "evidence": answer.evidence[0].sentence if answer.evidence else None}
-    for name in ("abstained", "mode", "route", "strategy"):  # what the pipeline reports, where it does
+    for name in ("abstained", "mode", "status", "route", "strategy"):  # what the pipeline reports, where it does
         value = getattr(answer, name, None)
         if value not in (None, ""):
             meta[name] = value
@@ -694,6 +696,7 @@ async def _sse(service: MemChatService, pieces: Iterator[str], final, cid: str, 
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    streamed: list[str] = []
     worker = threading.Thread(target=pull, name="memchat-sse", daemon=True)
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -701,6 +704,7 @@ async def _sse(service: MemChatService, pieces: Iterator[str], final, cid: str, 
         while True:
             kind, value = await queue.get()
             if kind == "piece":
+                streamed.append(value)
                 yield chunk({"content": value})
             elif kind == "error":
                 err = api_error_for(value) if isinstance(value, MemChatError) else APIError(
@@ -710,7 +714,10 @@ async def _sse(service: MemChatService, pieces: Iterator[str], final, cid: str, 
                 break
             else:
                 reply = final()
-                yield chunk({}, "stop", citations=reply.citations, memchat=reply.memchat)
+                meta = dict(reply.memchat)
+                if reply.text and reply.text.strip() != "".join(streamed).strip():
+                    meta["text"] = reply.text  # the pipeline replaced the streamed draft (e.g. it failed verification)
+                yield chunk({}, "stop", citations=reply.citations, memchat=meta)
                 break
         yield "data: [DONE]\n\n"
     finally:

@@ -137,8 +137,9 @@ def test_chat_streamed_and_not_for_each_model(api, model):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
-    assert streamed == text  # greedy: the same answer both ways
     last = chunks[-1]
+    # greedy: the same answer both ways (a draft the pipeline replaced comes with the final text)
+    assert streamed == text or extra(last, "memchat").get("text") == text
     assert last.choices[0].finish_reason == "stop"
     assert extra(last, "citations") == citations
     assert all(extra(ch, "citations") is None for ch in chunks[:-1])  # only the final chunk carries them
