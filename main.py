@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedding-model", default=EmbeddingConfig.model_name, help="sentence-transformers model")
     g.add_argument("--embedding-backend", default=EmbeddingConfig.backend, choices=["onnx-int8", "onnx", "torch"],
                    help="embedding runtime for a new store (an existing store keeps its own)")
+    g = add.add_argument_group("scanned pages and limits")
+    g.add_argument("--no-ocr", action="store_true",
+                   help="don't OCR pages without a text layer (OCR is on by default; MEMCHAT_OCR=0 turns it off too). "
+                        "Caps per file: MEMCHAT_MAX_FILE_BYTES, MEMCHAT_MAX_PAGES, MEMCHAT_MAX_CHARS, MEMCHAT_MAX_CHUNKS, "
+                        "MEMCHAT_MAX_OCR_PAGES")
 
     sub.add_parser("list", help="list documents (loads no model)")
 
@@ -119,6 +124,8 @@ def cmd_add(args) -> int:
 
     passwords = pdf_passwords(args.files, args.password)
     kb = _kb(args)
+    if args.no_ocr:
+        kb.ingest_cfg.ocr = False
     bar = tqdm(total=len(args.files), unit="file", desc="ingesting", file=sys.stderr)
 
     def progress(name: str, frac: float, stage: str) -> None:
@@ -272,8 +279,8 @@ def cmd_ask(args) -> int:
     if mode == "generative":
         print(answer.text, end="")
     print()
-    if answer.status != ANSWERED and answer.draft:
-        print(f"(The model's draft was not supported by the documents: {answer.draft!r})", file=sys.stderr)
+    if answer.status != ANSWERED and answer.generated:
+        print(f"(The model's answer was not supported by the documents: {answer.generated!r})", file=sys.stderr)
     if answer.evidence_line:
         print("\n" + answer.evidence_line)
     if answer.hits:

@@ -197,7 +197,7 @@ class RAGConfig:
 class ReaderConfig:
     # Linear weights over reader.FEATURES, fitted by `bench/fit_reader.py --train squad2` (conditional logit on
     # qa_dev_squad2's questions, L2 0.01) and checked on qa_dev and qa_dev_covid, which it never saw.
-    weights: tuple = (0.0813, 2.9637, 8.7293, 0.1496, 2.633, -0.9455, 1.2845, 3.8031, 0.7854, 0.7112, 0.3991, 0.7014, 0.0)
+    weights: tuple = (0.054, 3.0031, 8.1278, 0.2608, 2.7701, -1.0208, 0.9437, 4.7831, 0.7691, 0.6241, 0.0406, 0.5439, 0.0, -2.0, 2.0)
     lm_rerank: int = 0  # best N candidates also scored by the LM (0 = off: see bench/fit_reader.py --lm-rerank)
 
 

@@ -34,12 +34,14 @@ Deliberately left out: loading models (``finetuned``, ``generation``) and the UI
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .knowledge import Hit
-from .rag import _NO_CONTEXT, Answer, Evidence, RAGPipeline
+from .evaluate import token_f1
+from .rag import ANSWERED, Answer, Evidence, RAGPipeline
 from .text import content_words as _content_words
 
 STRATEGIES = ("verify", "expand", "route")
@@ -50,6 +52,10 @@ ROUTE_THRESHOLD = 0.35  # cosine of MiniLM: below it, the best chunk is rarely a
 VERIFY_MARGIN = 0.25  # the draft must beat the grounded answer's support by this much
 VERIFY_MIN_SUPPORT = 0.6  # ...and have at least this share of its words in the evidence
 VERIFY_EVIDENCE = 4  # evidence sentences a draft's words are checked against
+# Extractive RAG: a span's bonus per unit of token F1 with the fine-tuned draft. The reader's own
+# weights put a right answer kind at ~2.8 and proximity to the question (its strongest feature) at ~8:
+# a draft that names a span counts as much as the strongest evidence.
+DRAFT_VOTE = 8.0
 
 
 @dataclass
@@ -150,78 +156,101 @@ class HybridPipeline:
         return self.answer_many([question], batch_size=1)[0]
 
     def answer_many(self, questions: Sequence[str], batch_size: int = 8) -> list[HybridAnswer]:
+        """verify/expand: the draft widens retrieval; the RAG answer is made in the RAG's mode.
+
+        Extractive (small models): the answer is still a span of the evidence; with ``verify``
+        the draft votes among the candidate spans (DRAFT_VOTE x the span's token F1 with the
+        draft), so a fine-tuned model that remembers the fact picks the right span, and one that
+        misremembers cannot put words in the documents' mouth. Generative: the grounded answer
+        is generated, and the evidence decides between it and the draft (``_choose``), then the
+        RAG's verification applies to whichever was chosen.
+        """
         t0 = time.perf_counter()
         if self.strategy == "route":
             out = self._route_many(questions, batch_size)
         else:
+            mode = self.rag.resolved_mode()
             drafts = self.drafts(questions, batch_size)
-            prepared = [self._grounded(q, d) for q, d in zip(questions, drafts)]
-            todo = [i for i, p in enumerate(prepared) if p[0]]
-            texts = [_NO_CONTEXT] * len(questions)
-            results = self.rag.generator.generate([prepared[i][2] for i in todo], batch_size=batch_size, **self.rag._gen_kwargs())
-            for i, r in zip(todo, results):
-                texts[i] = r.text
-            out = []
-            for q, d, (hits, ev, _, timings), text in zip(questions, drafts, prepared, texts):
-                chosen, route = self._choose(text, d, ev) if hits else (text, "grounded")
-                out.append(HybridAnswer(q, chosen, hits, ev, self.display_name, 0.0, timings, draft=d, route=route,
-                                        strategy=self.strategy))
+            out, todo, prompts = [], [], []
+            for q, d in zip(questions, drafts):
+                hits, ev, messages, timings = self._grounded(q, d)
+                a = self.rag.start(q, hits, ev, timings, mode)
+                h = HybridAnswer(**{f: getattr(a, f) for f in _ANSWER_FIELDS}, draft=d, route="grounded",
+                                 strategy=self.strategy)
+                if h.status == ANSWERED:
+                    if mode == "extractive":
+                        self.rag.extract(h, hint=d if self.strategy == "verify" else "", hint_weight=DRAFT_VOTE)
+                        if self.strategy == "verify" and d.strip() and token_f1(h.text, [d]) > 0:
+                            h.route = "draft+grounded"  # the draft agreed with (or chose) the span
+                    else:
+                        todo.append(len(out))
+                        prompts.append(messages)
+                out.append(h)
+            if prompts:
+                results = self.rag.generator.generate(prompts, batch_size=batch_size, **self.rag.gen_kwargs())
+                for i, r in zip(todo, results):
+                    h = out[i]
+                    chosen, h.route = self._choose(r.text, h.draft, h.evidence)
+                    self.rag.verify(h, chosen)
+                    h.model = self.display_name
         per = (time.perf_counter() - t0) / max(1, len(questions))
         for a in out:
             a.seconds = per
+            a.model = a.model or self.display_name
         return out
 
     def _route_many(self, questions: Sequence[str], batch_size: int) -> list[HybridAnswer]:
-        prepared = [self.rag.prepare(q) for q in questions]
-        to_chat = [i for i, (hits, *_ ) in enumerate(prepared) if not hits or hits[0].score < self.route_threshold]
-        to_rag = [i for i in range(len(questions)) if i not in set(to_chat)]
-        texts = [""] * len(questions)
+        """One retrieval each: weak retrieval -> the fine-tuned model alone (no citations claimed), else RAG."""
+        first = [self.rag.retrieve(q, 1) for q in questions]
+        to_chat = [i for i, hits in enumerate(first) if not hits or hits[0].score < self.route_threshold]
+        chat_set = set(to_chat)
+        to_rag = [i for i in range(len(questions)) if i not in chat_set]
+        out: list[HybridAnswer | None] = [None] * len(questions)
         chat_answers = self.chat.answer_many([questions[i] for i in to_chat], batch_size=batch_size,
                                              max_new_tokens=self.rag.gen_cfg.max_new_tokens)  # the same cap as RAG's
-        for i, t in zip(to_chat, chat_answers):
-            texts[i] = t
-        for i, r in zip(to_rag, self.rag.generator.generate([prepared[i][2] for i in to_rag], batch_size=batch_size,
-                                                           **self.rag._gen_kwargs())):
-            texts[i] = r.text
-        out = []
-        for i, (q, (hits, ev, _, timings)) in enumerate(zip(questions, prepared)):
-            if i in to_chat:  # not about the documents: no citations claimed
-                out.append(HybridAnswer(q, texts[i].strip(), [], [], self.chat.display_name, 0.0, timings,
-                                        route="finetuned", strategy="route"))
-            else:
-                out.append(HybridAnswer(q, texts[i].strip(), hits, ev, self.display_name, 0.0, timings,
-                                        route="grounded", strategy="route"))
+        for i, text in zip(to_chat, chat_answers):
+            out[i] = HybridAnswer(questions[i], text.strip(), [], [], self.chat.display_name, 0.0, {},
+                                  route="finetuned", strategy="route")
+        for i, a in zip(to_rag, self.rag.answer_many([questions[i] for i in to_rag], batch_size=batch_size)):
+            out[i] = HybridAnswer(**{f: getattr(a, f) for f in _ANSWER_FIELDS}, route="grounded", strategy="route")
         return out
 
     def stream(self, question: str) -> tuple[Iterator[str], HybridAnswer]:
         """Pieces of the answer; the returned ``HybridAnswer`` is complete once they are exhausted.
 
-        The grounded answer streams token by token. ``verify`` must see the whole
-        grounded answer before it can choose, so it yields its choice in one piece.
+        ``expand`` with a generative RAG streams the grounded answer token by token (it is
+        verified at the end: if unsupported, ``text`` differs from the pieces). Every other
+        combination must see the whole answer before choosing, so it comes in one piece.
         """
         t0 = time.perf_counter()
         result = HybridAnswer(question, "", [], [], self.display_name, 0.0, {}, strategy=self.strategy)
 
         def pieces() -> Iterator[str]:
-            if self.strategy == "route" or self.strategy == "verify":
+            if self.strategy != "expand" or self.rag.resolved_mode() == "extractive":
                 answer = self.answer(question)
-                for name in ("text", "hits", "evidence", "model", "timings", "draft", "route"):
+                for name in _ANSWER_FIELDS + ("draft", "route"):
                     setattr(result, name, getattr(answer, name))
                 result.seconds = time.perf_counter() - t0
                 yield answer.text
                 return
             result.draft = self.drafts([question], 1)[0]
             hits, evidence, messages, timings = self._grounded(question, result.draft)
-            result.hits, result.evidence, result.timings, result.route = hits, evidence, timings, "grounded"
-            if not hits:
-                result.text = _NO_CONTEXT
-                yield _NO_CONTEXT
+            a = self.rag.start(question, hits, evidence, timings, "generative")
+            for name in _ANSWER_FIELDS:
+                setattr(result, name, getattr(a, name))
+            result.route = "grounded"
+            if result.status != ANSWERED:
+                yield result.text
                 return
             buf = []
-            for piece in self.rag.generator.stream(messages, **self.rag._gen_kwargs()):
+            for piece in self.rag.generator.stream(messages, **self.rag.gen_kwargs()):
                 buf.append(piece)
                 yield piece
-            result.text = "".join(buf).strip()
+            self.rag.verify(result, "".join(buf))
+            result.model = self.display_name
             result.seconds = time.perf_counter() - t0
 
         return pieces(), result
+
+
+_ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(Answer))

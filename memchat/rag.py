@@ -81,7 +81,7 @@ class Answer:
     confidence: float = 0.0  # extractive: the span's share of the reader's probability; generative: support
     coverage: float = 0.0  # idf-weighted share of the question's words in the best passage
     passage: str = ""  # the best sentence with its neighbours: shown as the closest passage
-    draft: str = ""  # generative: the model's text before verification (kept for inspection)
+    generated: str = ""  # generative: the model's text before verification (kept for inspection)
     source: Evidence | None = None  # the evidence sentence the answer came from
 
     @property
@@ -267,7 +267,7 @@ class RAGPipeline:
         t2 = time.perf_counter()
         return hits, evidence, self.build_messages(question, evidence), {"retrieve_s": t1 - t0, "evidence_s": t2 - t1}
 
-    def _start(self, question: str, hits: list[Hit], evidence: list[Evidence], timings: dict, mode: str) -> Answer:
+    def start(self, question: str, hits: list[Hit], evidence: list[Evidence], timings: dict, mode: str) -> Answer:
         """The answer so far: abstains when there are no documents or the passage is not about the question."""
         a = Answer(question, "", hits, evidence, timings=timings, mode=mode)
         if not hits:
@@ -280,10 +280,12 @@ class RAGPipeline:
             a.status, a.text = NO_ANSWER, IDK_TEXT
         return a
 
-    def _extract(self, a: Answer) -> Answer:
+    def extract(self, a: Answer, hint: str = "", hint_weight: float = 0.0) -> Answer:
+        """Fill ``a`` with the reader's span from its evidence (``hint``: see ``ExtractiveReader.read``)."""
         t0 = time.perf_counter()
         ev = a.evidence[: self.cfg.reader_sentences]
-        reading = self.reader.read(a.question, [e.sentence for e in ev], [e.score for e in ev])
+        reading = self.reader.read(a.question, [e.sentence for e in ev], [e.score for e in ev], hint=hint,
+                                   hint_weight=hint_weight)
         a.timings["read_s"] = time.perf_counter() - t0
         if not reading.answer:
             a.status, a.text = NO_ANSWER, IDK_TEXT
@@ -296,13 +298,13 @@ class RAGPipeline:
 
     def verify(self, a: Answer, text: str) -> Answer:
         """Show a generated ``text`` as the answer only if the evidence supports it."""
-        a.draft = text.strip()
+        a.generated = text.strip()
         sentences = [e.sentence for e in a.evidence[: self.cfg.evidence_sentences]]
-        a.confidence = support(a.draft, a.question, sentences)
+        a.confidence = support(a.generated, a.question, sentences)
         unchecked = self.cfg.min_support <= 0  # verification off: the text is shown as written
-        if unchecked or (a.confidence >= self.cfg.min_support and "i don't know" not in a.draft.lower()):
-            a.text, a.status = a.draft, ANSWERED
-            added = T.content_words(a.draft) - T.content_words(a.question)
+        if unchecked or (a.confidence >= self.cfg.min_support and "i don't know" not in a.generated.lower()):
+            a.text, a.status = a.generated, ANSWERED
+            added = T.content_words(a.generated) - T.content_words(a.question)
             a.source = max(a.evidence[: self.cfg.evidence_sentences],
                            key=lambda e: len(added & T.content_words(e.sentence)), default=None)
             if a.source is not None:
@@ -323,10 +325,10 @@ class RAGPipeline:
         prompts: list[tuple[int, list[dict]]] = []
         for q in questions:
             hits, evidence, messages, timings = self.prepare(q)
-            a = self._start(q, hits, evidence, timings, mode)
+            a = self.start(q, hits, evidence, timings, mode)
             if a.status == ANSWERED:
                 if mode == "extractive":
-                    self._extract(a)
+                    self.extract(a)
                 else:
                     prompts.append((len(out), messages))
             out.append(a)
@@ -350,11 +352,11 @@ class RAGPipeline:
         t0 = time.perf_counter()
         mode = self.resolved_mode(mode)
         hits, evidence, messages, timings = self.prepare(question)
-        result = self._start(question, hits, evidence, timings, mode)
+        result = self.start(question, hits, evidence, timings, mode)
 
         def pieces() -> Iterator[str]:
             if result.status == ANSWERED and mode == "extractive":
-                self._extract(result)
+                self.extract(result)
             elif result.status == ANSWERED:
                 result.model = self.generator.resolved.display_name
                 buf = []

@@ -126,6 +126,8 @@ FEATURES = (
     "log_words",  # log of the span's length in words
     "is_name", "is_number", "is_date",  # base rates of the kinds (phrase is the reference)
     "lm",  # the language model's log p(span + end | prompt) minus the best candidate's (0 without a model)
+    "is_clause",  # a long span (a clause): rarely the answer to a "who/what/when" question...
+    "clause_describe",  # ...but often to a how/why/what-methods question (text.asks_for_description)
 )
 
 
@@ -137,9 +139,13 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
     qkind = T.question_kind(question)
     qwords = T.content_words(question)
     q_idf = sum(idf(w) for w in qwords) or 1.0
+    describe = T.asks_for_description(question)
     cands: list[tuple[int, T.Span]] = []
     for si, s in enumerate(sentences):
-        for sp in T.answer_spans(s, max_words=max_words):
+        spans = T.answer_spans(s, max_words=max_words, clauses=describe)
+        if describe:
+            spans += _clause_tails(s, qwords, {(sp.start, sp.end) for sp in spans})
+        for sp in spans:
             if T.content_words(sp.text) and not T.content_words(sp.text) <= qwords:  # pure echoes never answer
                 cands.append((si, sp))
     if not cands:
@@ -168,8 +174,35 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
             float(T.kind_matches(qkind, sp.kind)), float(qkind is not None and not T.kind_matches(qkind, sp.kind)),
             float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
             float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
+            float(sp.kind == T.CLAUSE), float(sp.kind == T.CLAUSE and describe),
         )
     return cands, X
+
+
+_CLAUSE_END = {",", ";", ":", "(", ")", ".", "?", "!"}
+
+
+def _clause_tails(sentence: str, qwords: set[str], taken: set[tuple[int, int]]) -> list[T.Span]:
+    """What follows the question's words up to the end of their clause: "... validated [using cultured viruses ...]"."""
+    toks = T.tokens(sentence)
+    out = []
+    for i, t in enumerate(toks):
+        if T.stem(t.text.lower()) not in qwords:
+            continue
+        j = i + 1
+        while j < len(toks) and (T.stem(toks[j].text.lower()) in qwords or not toks[j].text[:1].isalnum()) \
+                and toks[j].text not in _CLAUSE_END:
+            j += 1  # skip the rest of the question's words
+        k = j
+        while k < len(toks) and toks[k].text not in _CLAUSE_END:
+            k += 1
+        words = [x for x in toks[j:k] if x.text[:1].isalnum()]
+        if 2 <= len(words) <= T.MAX_CLAUSE_WORDS:
+            start, end = words[0].start, words[-1].end
+            if (start, end) not in taken:
+                taken.add((start, end))
+                out.append(T.Span(sentence[start:end], start, end, T.CLAUSE))
+    return out
 
 
 class ExtractiveReader:
@@ -195,13 +228,20 @@ class ExtractiveReader:
     def features(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float]):
         return features(question, sentences, sentence_scores, self.embedder, self.idf, self.max_words)
 
-    def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float]) -> Reading:
+    def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
+             hint: str = "", hint_weight: float = 0.0) -> Reading:
+        """The best span. ``hint``: another system's answer (the hybrid's fine-tuned draft); a candidate
+        gets ``hint_weight`` x its token F1 with the hint, so the draft votes among the document's spans."""
         import numpy as np
 
         cands, X = self.features(question, sentences, sentence_scores)
         if not cands:
             return Reading("")
         scores = X @ self.w
+        if hint and hint_weight:
+            from .evaluate import token_f1
+
+            scores = scores + hint_weight * np.array([token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
         lm_col = FEATURES.index("lm")
         if self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
             top = np.argsort(-scores)[: self.lm_rerank]

@@ -67,8 +67,8 @@ def content_word_list(text: str) -> list[str]:
 # ---------------------------------------------------------------------------
 # Answer kinds
 # ---------------------------------------------------------------------------
-DATE, NUMBER, NAME, PHRASE = "date", "number", "name", "phrase"
-KINDS = (DATE, NUMBER, NAME, PHRASE)
+DATE, NUMBER, NAME, PHRASE, CLAUSE = "date", "number", "name", "phrase", "clause"
+KINDS = (DATE, NUMBER, NAME, PHRASE, CLAUSE)
 
 _MONTHS = ("january february march april may june july august september october november december "
            "jan feb mar apr jun jul aug sep sept oct nov dec").split()
@@ -112,6 +112,18 @@ def question_kind(question: str) -> str | None:
                                                                      r"number|amount|fraction)\b", rest, re.I):
             return None  # "what/which" + anything else: a phrase
     return None
+
+
+_DESCRIBE = re.compile(
+    r"^\W*(how|why)\b(?!\s+(many|much|long|far|old|large|big|tall|high|deep|wide|often|fast)\b)|"
+    r"\b(what|which)\s+(\w+\s+){0,2}(methods?|ways?|mechanisms?|roles?|functions?|purposes?|effects?|results?|"
+    r"reasons?|causes?|symptoms?|benefits?|advantages?|challenges?|steps?|strateg\w+|approach\w*|findings?)\b|"
+    r"^\W*(describe|explain)\b", re.I)
+
+
+def asks_for_description(question: str) -> bool:
+    """Whether the question asks for a description (how, why, what methods/effects...): a clause, not a name."""
+    return bool(_DESCRIBE.search(question))
 
 
 def kind_matches(question_kind: str | None, span_kind: str) -> bool:
@@ -195,11 +207,15 @@ _CONNECTORS = {"of", "the", "and", "de", "von", "van", "du", "la", "for", "on"} 
 MAX_SPAN_WORDS = 8  # SQuAD answers: median 2 words, 90% at most 8 (Rajpurkar et al. 2016)
 
 
-def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS) -> list[Span]:
+MAX_CLAUSE_WORDS = 30  # long answers (how/why questions on papers) are a clause, rarely more
+
+
+def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool = False) -> list[Span]:
     """Candidate answers in ``sentence``: dates, numbers (with units), names and content phrases.
 
     Spans never start or end on a stop word or punctuation, and never cross a comma,
-    semicolon or bracket (except inside a number). Duplicates (same offsets) are dropped;
+    semicolon or bracket (except inside a number). With ``clauses``, the longer stretches
+    between such marks (up to MAX_CLAUSE_WORDS words) are candidates too, of kind CLAUSE. Duplicates (same offsets) are dropped;
     the order is by position.
     """
     toks = tokens(sentence)
@@ -211,7 +227,8 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS) -> list[Span]:
             i += 1
         while j >= i and (not _is_word(toks[j]) or (_is_stop(toks[j]) and not _is_numeric(toks[j]))):
             j -= 1
-        if i > j or (j - i + 1) > max_words:
+        limit = MAX_CLAUSE_WORDS if kind == CLAUSE else max_words
+        if i > j or sum(1 for t in toks[i : j + 1] if _is_word(t)) > limit:
             return
         key = (toks[i].start, toks[j].end)
         rank = KINDS.index(kind)
@@ -289,4 +306,19 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS) -> list[Span]:
             gap = [toks[k].text.lower() for k in range(j + 1, i2)]
             if gap and len(gap) <= 2 and all(g in {"of", "the", "and", "a", "an", "in", "for", "'s", "’s"} for g in gap):
                 add(i, j2, PHRASE)
+    if clauses:  # clauses: the stretches between commas, semicolons and brackets, and pairs of them
+        segs: list[tuple[int, int]] = []
+        i = 0
+        while i < n:
+            j = i
+            while j < n and toks[j].text not in breaks:
+                j += 1
+            if j > i:
+                segs.append((i, j - 1))
+            i = j + 1
+        for a, (i, j) in enumerate(segs):
+            for i2, j2 in ((i, j), (i, segs[a + 1][1]) if a + 1 < len(segs) else (i, j)):
+                words = sum(1 for t in toks[i : j2 + 1] if _is_word(t))
+                if max_words < words <= MAX_CLAUSE_WORDS:
+                    add(i, j2, CLAUSE)
     return [Span(sentence[s:e], s, e, kind) for (s, e), kind in sorted(found.items())]

@@ -167,7 +167,7 @@ def test_verification_refuses_a_planted_unsupported_answer(tmp_path):
     a = rag.answer("Who discovered oxygen in 1773?")
     assert gen.calls == 1
     assert a.status == UNSUPPORTED and a.abstained
-    assert "Boyle" not in a.text and a.draft == "Robert Boyle discovered it"
+    assert "Boyle" not in a.text and a.generated == "Robert Boyle discovered it"
     pieces, s = rag.stream("Who discovered oxygen in 1773?")
     "".join(pieces)
     assert s.status == UNSUPPORTED and "Boyle" not in s.text  # the streamed draft is replaced
@@ -201,3 +201,29 @@ def test_auto_is_extractive_for_small_models_and_generative_for_engines(tmp_path
 def test_answer_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("MEMCHAT_ANSWER_MODE", "generative")
     assert RAGConfig().mode == "generative"
+
+
+class FixedChat:
+    """A stand-in fine-tuned model: the same draft for every question."""
+
+    display_name = "fixed chat"
+
+    def __init__(self, draft: str):
+        self.draft = draft
+
+    def answer_many(self, questions, max_new_tokens=48, batch_size=16):
+        return [self.draft for _ in questions]
+
+
+def test_hybrid_draft_votes_among_the_documents_spans(tmp_path):
+    from memchat.hybrid import HybridPipeline
+
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    rag = RAGPipeline(kb, rag=RAGConfig(mode="extractive"))
+    q = "What did Priestley name in 1773?"
+    for draft, expected in (("dephlogisticated air", "dephlogisticated air"), ("Birmingham", "Birmingham")):
+        voted = HybridPipeline(rag, FixedChat(draft), strategy="verify").answer(q)
+        assert expected in voted.text and voted.route == "draft+grounded"  # each draft picks its own span
+        assert any(voted.text in h.text for h in voted.hits)
+    invented = HybridPipeline(rag, FixedChat("Robert Boyle's phlogiston"), strategy="verify").answer(q)
+    assert "Boyle" not in invented.text and any(invented.text in h.text for h in invented.hits)
