@@ -191,7 +191,10 @@ def shared_knowledge_base():
     sessions, and re-read only when the store's files change (a commit by anyone: app, CLI, API)."""
     from memchat import config
 
-    return attach_embedder(_knowledge_base_for(str(config.storage_dir())))
+    kb = _knowledge_base_for(str(config.storage_dir()))
+    if kb.embedding_spec() is not None:  # a new store loads the configured embedder itself, once (kb is cached)
+        attach_embedder(kb)
+    return kb
 
 
 # ---------------------------------------------------------------------------
