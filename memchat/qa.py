@@ -441,6 +441,11 @@ def parse_answer(text: str, question: str = "", *, truncated: bool = False, max_
     return a, tally
 
 
+def _has_digit(word: str) -> bool:
+    """A number or a decade ("1867", "1970s"): the kind small models invent (memchat.text keeps the "s")."""
+    return word[:-1].isdigit() if word.endswith("s") and len(word) > 1 else word.isdigit()
+
+
 def check_grounded(answer: str, question: str, chunk_words: set[str], min_support: float) -> str | None:
     """None when the answer is grounded in the chunk, else the reason it is not.
 
@@ -450,7 +455,7 @@ def check_grounded(answer: str, question: str, chunk_words: set[str], min_suppor
     added = content_words(answer) - content_words(question)
     if not added:
         return "restates_question"
-    if any(w.isdigit() and w not in chunk_words for w in added):
+    if any(_has_digit(w) and w not in chunk_words for w in added):
         return "number_not_in_chunk"  # invented years and counts are the commonest small-model error
     if len(added & chunk_words) / len(added) < min_support:
         return "not_grounded"
@@ -469,7 +474,7 @@ def ground_answer(answer: str, question: str, chunk_words: set[str], min_support
     for s in sentences:
         added = content_words(s) - qwords
         if added and (
-            len(added & chunk_words) / len(added) < min_support or any(w.isdigit() and w not in chunk_words for w in added)
+            len(added & chunk_words) / len(added) < min_support or any(_has_digit(w) and w not in chunk_words for w in added)
         ):
             break
         kept.append(s)
