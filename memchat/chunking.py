@@ -44,6 +44,7 @@ class Chunk:
     page_end: int  # page of its last character (== page_start unless it spans a page break)
     index: int  # 0-based position within the document
     content_hash: str  # sha256 hex of text (utf-8): finds unchanged chunks across versions
+    ocr: bool = False  # some of its text was read by OCR (a page without a text layer)
 
 
 PAGE_SEPARATOR = "\n\n"  # pages are joined as paragraphs: a page break is a good place to cut
@@ -71,16 +72,19 @@ def chunk_pages(
         raise ValueError(f"min_chunk_chars must be >= 0, got {min_chunk_chars}")
 
     text, offsets, numbers = _join_pages(pages)
+    ocr_pages = {p.number for p in pages if getattr(p, "ocr", False)}
     chunks = []
     for index, (start, end) in enumerate(_spans(text, chunk_size, chunk_overlap, min_chunk_chars, limit=max_chunks)):
         piece = text[start:end]
+        first, last = bisect_right(offsets, start) - 1, bisect_right(offsets, end - 1) - 1
         chunks.append(
             Chunk(
                 text=piece,
-                page_start=numbers[bisect_right(offsets, start) - 1],
-                page_end=numbers[bisect_right(offsets, end - 1) - 1],
+                page_start=numbers[first],
+                page_end=numbers[last],
                 index=index,
                 content_hash=hashlib.sha256(piece.encode("utf-8")).hexdigest(),
+                ocr=bool(ocr_pages) and any(n in ocr_pages for n in numbers[first : last + 1]),
             )
         )
     return chunks

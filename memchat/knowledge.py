@@ -44,11 +44,12 @@ class Hit:
     page_start: int
     page_end: int
     text: str
+    ocr: bool = False  # read by OCR from a page without a text layer: the text may hold misreadings
 
     @property
     def citation(self) -> str:
         pages = f"p. {self.page_start}" if self.page_start == self.page_end else f"pp. {self.page_start}-{self.page_end}"
-        return f"{self.document}, {pages}"
+        return f"{self.document}, {pages}" + (", OCR" if self.ocr else "")
 
 
 @dataclass
@@ -319,6 +320,7 @@ class KnowledgeBase:
                         "index": c.index,
                         "text": c.text,
                         "hash": c.content_hash,
+                        **({"ocr": True} if c.ocr else {}),  # read by OCR (no text layer)
                     }
                 history = (old or {}).get("history", [])
                 if old is not None:
@@ -411,7 +413,7 @@ class KnowledgeBase:
     @staticmethod
     def _hit(state: StoreState, chunk_id: int, score: float) -> Hit:
         c = state.metadata["chunks"][str(chunk_id)]
-        return Hit(score, chunk_id, c["document"], c["version"], c["page_start"], c["page_end"], c["text"])
+        return Hit(score, chunk_id, c["document"], c["version"], c["page_start"], c["page_end"], c["text"], c.get("ocr", False))
 
 
 SEARCH_METHODS = ("hybrid", "dense", "keyword")

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 class Page:
     number: int  # 1-based, as a PDF viewer counts (not the printed folio)
     text: str  # cleaned; "" for a page without text
+    ocr: bool = False  # the text was read from the rendered page by OCR (no text layer)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def extract_pdf(
     password: str | None = None,
     *,
     limits: IngestConfig | None = None,
+    ocr: bool | None = None,
     on_page: PageFn | None = None,
 ) -> ExtractedDocument:
     """Extract and clean the text of every page of a PDF given as bytes.
@@ -89,7 +91,9 @@ def extract_pdf(
     LimitError (a BadDocumentError) for a file over a cap of ``limits`` (bytes, pages,
     characters), checked as extraction goes so that it stops at the cap.
     A page whose extraction fails is logged and kept empty; the rest of the file is used.
-    ``on_page`` is called after each page.
+    Pages with no (or a near-empty) text layer are read by OCR unless ``ocr`` (default:
+    ``limits.ocr``) is off; their ``Page.ocr`` is True. ``on_page`` is called after each
+    page of the text pass, then after each page of the OCR pass.
     """
     limits = limits or IngestConfig()
     if not data:
@@ -113,20 +117,46 @@ def extract_pdf(
         log.log(level, "%s: pypdf met %d problem(s) while reading, first: %s", name, len(notes), notes[0][1])
 
     texts = [unicodedata.normalize("NFKC", t) for t in raw_pages]
+    # Pages whose text layer is empty or nearly so (a scanner's stamp, a page number).
+    textless = [i for i, t in enumerate(texts) if len("".join(t.split())) < limits.ocr_min_chars]
+    use_ocr = limits.ocr if ocr is None else ocr
+    read_by_ocr: set[int] = set()
+    ocr_problem = None  # why OCR did not give the textless pages any text
+    if textless and use_ocr:
+        tiny = {i for i in textless if texts[i].strip()}
+        found, ocr_problem = _ocr_pages(data, name, password, textless, tiny, sum(map(len, texts)), limits, on_page)
+        for i, text in found.items():
+            text = unicodedata.normalize("NFKC", text)
+            layer = texts[i].strip()
+            # A few words of text layer that OCR did not read too (a date typed onto a scan) are kept.
+            if layer and not set(_TOKEN.findall(layer.lower())) <= set(_TOKEN.findall(text.lower())):
+                text = f"{text}\n\n{layer}"
+            texts[i] = text
+            read_by_ocr.add(i)
     hyphenated, words = _vocabulary(texts)
-    pages = [Page(number=i + 1, text=_clean_page(t, hyphenated, words)) for i, t in enumerate(texts)]
+    pages = [Page(number=i + 1, text=_clean_page(t, hyphenated, words), ocr=i in read_by_ocr) for i, t in enumerate(texts)]
     if not any(p.text for p in pages):
+        if ocr_problem:
+            raise BadDocumentError(name, f"has no text layer in its {len(pages)} page(s) (a scan?) and {ocr_problem}")
         if failures:
             raise BadDocumentError(
                 name,
                 f"is damaged: text extraction failed on {len(failures)} of {len(pages)} page(s) and the rest "
                 f"have no text (first error: {failures[0]}); {_REPAIR_HINT}",
             )
+        if use_ocr:  # OCR ran on every page and read nothing
+            raise BadDocumentError(name, f"has no extractable text in its {len(pages)} page(s), and OCR found no "
+                                   "words on them either (blank pages, or pictures without text?)")
         raise BadDocumentError(
             name,
             f"has no extractable text in its {len(pages)} page(s) (scanned image?); "
-            "run OCR first, e.g. ocrmypdf in.pdf out.pdf, then add out.pdf",
+            "run OCR first, e.g. ocrmypdf in.pdf out.pdf, then add out.pdf, or leave the built-in OCR on "
+            "(no --no-ocr, no MEMCHAT_OCR=0)",
         )
+    if ocr_problem:
+        log.warning("%s: %d page(s) without a text layer will not be searchable: %s", name, len(textless) - len(read_by_ocr), ocr_problem)
+    if read_by_ocr:
+        log.info("%s: read %d page(s) by OCR", name, len(read_by_ocr))
     empty = sum(not p.text for p in pages)
     if empty * 2 > len(pages):  # blank versos are normal; a majority of empty pages is not
         log.warning("%s: %d of %d pages have no text (scanned?); they will not be searchable", name, empty, len(pages))
@@ -134,7 +164,12 @@ def extract_pdf(
 
 
 def extract_pdf_file(
-    path: str | Path, password: str | None = None, *, limits: IngestConfig | None = None, on_page: PageFn | None = None
+    path: str | Path,
+    password: str | None = None,
+    *,
+    limits: IngestConfig | None = None,
+    ocr: bool | None = None,
+    on_page: PageFn | None = None,
 ) -> ExtractedDocument:
     """``extract_pdf`` on a file; the document's name is the file name. A file over the byte cap is not read."""
     path = Path(path)
@@ -145,7 +180,7 @@ def extract_pdf_file(
     except OSError as exc:
         # A missing or unreadable file is the user's document problem, reported the same way.
         raise BadDocumentError(path.name, f"cannot be read ({exc.strerror or exc}); check the path {path}") from exc
-    return extract_pdf(data, path.name, password=password, limits=limits, on_page=on_page)
+    return extract_pdf(data, path.name, password=password, limits=limits, ocr=ocr, on_page=on_page)
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +276,65 @@ def _extract_raw(
         if on_page:
             on_page(i + 1, num_pages, "text")
     return texts, failures
+
+
+def _ocr_pages(
+    data: bytes,
+    name: str,
+    password: str | None,
+    indices: list[int],
+    tiny: set[int],
+    used: int,
+    limits: IngestConfig,
+    on_page: PageFn | None,
+) -> tuple[dict[int, str], str | None]:
+    """OCR text of the pages ``indices`` (0-based) that have any, and why the others have none.
+
+    Pages in ``tiny`` have a few characters of text layer: they are read only when an image
+    covers most of the page (a scan with a stamp), not a title page that says "Chapter 1".
+    ``used`` characters are already extracted: OCR text counts against ``max_chars`` too.
+    """
+    from memchat import ocr
+
+    if len(indices) > limits.max_ocr_pages:
+        raise LimitError(name, f"has {len(indices):,} pages without a text layer to OCR, over the {limits.max_ocr_pages:,}-page "
+                         "limit (OCR takes seconds a page); raise MEMCHAT_MAX_OCR_PAGES if you trust it")
+    try:
+        reader = ocr.OcrReader(data, password, dpi=limits.ocr_dpi)
+    except ocr.OcrUnavailable as exc:
+        return {}, f"OCR is not available: {exc}; or run OCR first, e.g. ocrmypdf in.pdf out.pdf, then add out.pdf"
+    except Exception as exc:  # PDFium refuses a file pypdf repaired
+        return {}, f"the OCR renderer cannot open it ({_describe(exc)}); run OCR first, e.g. ocrmypdf in.pdf out.pdf"
+    found: dict[int, str] = {}
+    failures: list[str] = []
+    with reader:
+        indices = [i for i in indices if i not in tiny or reader.image_share(i) >= _SCAN_IMAGE_SHARE]
+        for k, i in enumerate(indices):
+            try:
+                text = reader.read(i)
+            except ocr.OcrUnavailable as exc:  # the engine failed to load at its first page
+                return found, f"OCR is not available: {exc}; or run OCR first, e.g. ocrmypdf in.pdf out.pdf"
+            except Exception as exc:  # one page that cannot be rendered or read must not lose the others
+                failures.append(_describe(exc))
+                log.warning("%s: page %d: OCR failed (%s); page kept empty", name, i + 1, failures[-1])
+                text = ""
+            if text.strip():
+                found[i] = text
+                used += len(text)
+                if used > limits.max_chars:
+                    raise LimitError(name, f"expands to more than {_count(limits.max_chars)} characters with its OCR'd "
+                                     f"pages, over the {_count(limits.max_chars)} limit; raise MEMCHAT_MAX_CHARS if you trust it")
+            if on_page:
+                on_page(k + 1, len(indices), "OCR")
+    if len(found) == len(indices):
+        return found, None
+    if failures:
+        return found, f"OCR failed on {len(failures)} of them (first error: {failures[0]})"
+    return found, None  # the rest are blank or hold no words
+
+
+_TOKEN = re.compile(r"[^\W_]+")  # letters or digits
+_SCAN_IMAGE_SHARE = 0.5  # an image over half the page, under a near-empty text layer: a scan
 
 
 def _count(n: int) -> str:

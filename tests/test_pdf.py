@@ -115,9 +115,10 @@ def test_password_on_an_unencrypted_file_is_ignored():
 
 
 @pytest.mark.parametrize("relpath", ["scanned/c02-22.pdf", "scanned/linn.pdf"])
-def test_scanned_pdf_without_text_layer_asks_for_ocr(relpath):
+def test_scanned_pdf_without_text_layer_asks_for_ocr_when_ocr_is_off(relpath):
+    # With OCR on (the default) these are read: tests/test_ocr.py.
     with pytest.raises(BadDocumentError) as info:
-        extract_pdf_file(PDFS / relpath)
+        extract_pdf_file(PDFS / relpath, ocr=False)
     assert "has no extractable text" in info.value.reason
     assert "scanned image?" in info.value.reason
     assert "ocrmypdf" in info.value.reason
@@ -262,7 +263,7 @@ def test_a_failing_page_is_kept_empty_and_logged(monkeypatch, caplog):
 
     monkeypatch.setattr(pypdf.PageObject, "extract_text", flaky)
     with caplog.at_level(logging.WARNING, logger="memchat.pdf"):
-        doc = extract_pdf_file(PDFS / "scanned/Seige_of_Vicksburg_Sample_OCR.pdf")
+        doc = extract_pdf_file(PDFS / "scanned/Seige_of_Vicksburg_Sample_OCR.pdf", ocr=False)  # OCR would read the scan
     assert doc.num_pages == 6
     assert doc.pages[1].text == ""
     assert all(p.text for i, p in enumerate(doc.pages) if i != 1)
@@ -275,7 +276,7 @@ def test_every_page_failing_is_a_damaged_document(monkeypatch):
 
     monkeypatch.setattr(pypdf.PageObject, "extract_text", broken)
     with pytest.raises(BadDocumentError, match="failed on 1 of 1 page.*bad content stream"):
-        extract_pdf_file(PDFS / "bad/helloworld-bad.pdf")
+        extract_pdf_file(PDFS / "bad/helloworld-bad.pdf", ocr=False)  # with OCR on, the page is read from its image
 
 
 def test_pypdf_repair_noise_becomes_one_line(caplog):
