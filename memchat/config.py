@@ -196,8 +196,10 @@ class RAGConfig:
 @dataclass
 class ReaderConfig:
     # Linear weights over reader.FEATURES, fitted by `bench/fit_reader.py --train squad2` (conditional logit on
-    # qa_dev_squad2's questions, L2 0.01) and checked on qa_dev and qa_dev_covid, which it never saw.
-    weights: tuple = (0.054, 3.0031, 8.1278, 0.2608, 2.7701, -1.0208, 0.9437, 4.7831, 0.7691, 0.6241, 0.0406, 0.5439, 0.0, -2.0, 2.0)
+    # qa_dev_squad2's 182 questions, L2 0.01) and checked on qa_dev and qa_dev_covid, which it never saw:
+    # span F1 41.2 on squad2 (train), 41.0 on qa_dev and 25.9 on qa_dev_covid (held out). Fitting on covid too
+    # raised covid to 27.2 but dropped qa_dev to 33.6, so the SQuAD-only fit is kept.
+    weights: tuple = (0.05, 2.907, 8.125, 0.379, 2.77, -1.01, 0.94, 4.724, 0.705, 0.551, 0.012, 0.526, 0.0, -0.87)
     lm_rerank: int = 0  # best N candidates also scored by the LM (0 = off: see bench/fit_reader.py --lm-rerank)
 
 

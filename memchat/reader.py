@@ -126,8 +126,7 @@ FEATURES = (
     "log_words",  # log of the span's length in words
     "is_name", "is_number", "is_date",  # base rates of the kinds (phrase is the reference)
     "lm",  # the language model's log p(span + end | prompt) minus the best candidate's (0 without a model)
-    "is_clause",  # a long span (a clause): rarely the answer to a "who/what/when" question...
-    "clause_describe",  # ...but often to a how/why/what-methods question (text.asks_for_description)
+    "is_clause",  # a clause (only proposed for how/why/what-methods questions: text.asks_for_description)
 )
 
 
@@ -174,7 +173,7 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
             float(T.kind_matches(qkind, sp.kind)), float(qkind is not None and not T.kind_matches(qkind, sp.kind)),
             float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
             float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
-            float(sp.kind == T.CLAUSE), float(sp.kind == T.CLAUSE and describe),
+            float(sp.kind == T.CLAUSE),
         )
     return cands, X
 
