@@ -24,6 +24,12 @@ before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
                        recorded; then the same calls replayed bare. Extraction wall
                        time / bare generation time for the same prompts (target <=
                        1.3x): what parsing, filtering, embedding and file writing cost.
+  3. external engine   (with --llm-server URL) the same extraction through an
+                       OpenAI-compatible server via ``LLMServerClient`` (concurrent
+                       requests; the server batches them), against part 2's in-process
+                       run: seconds per chunk and questions kept per chunk. URL "self"
+                       starts ``main.py serve`` here on the same model (the API path's
+                       cost on CPU); on a GPU box point it at ``vllm serve MODEL``.
 
 Not a test: numbers depend on the machine and its load (shown); compare ratios within one run.
 """
@@ -156,6 +162,63 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
     }
 
 
+def part_engine(kb, embedder, chunks: int, args, tmp: Path) -> dict:
+    """Part 2's extraction with an ``LLMServerClient`` as the generator (``self``: a main.py serve started here)."""
+    import socket
+    import subprocess
+
+    from _common import worker_env
+
+    from memchat.config import ExtractConfig
+    from memchat.extraction import FAISSDataExtractor
+    from memchat.llm_client import LLMServerClient
+
+    server = None
+    url = args.llm_server
+    if url == "self":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, str(REPO / "main.py"), "serve", "--no-auth", "--port", str(port), "--model", args.model,
+               "--max-batch", str(args.batch_size)]
+        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+        server = subprocess.Popen(cmd, env=worker_env(MEMCHAT_HOME=str(tmp), **threads), stdout=subprocess.PIPE, text=True)
+        say(f"  {server.stdout.readline().strip()}")
+        url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = LLMServerClient(url, args.llm_model)
+                break
+            except Exception:
+                if time.monotonic() > deadline or (server is not None and server.poll() is not None):
+                    raise
+                time.sleep(0.5)
+        client.generate([[{"role": "user", "content": "warm-up"}]], max_new_tokens=4)
+        cfg = ExtractConfig(max_pairs_per_chunk=args.pairs, batch_size=args.batch_size, max_chunks=chunks)
+        ex = FAISSDataExtractor(kb, client, embedder=embedder, extract_config=cfg, output_dir=tmp / "td-engine",
+                                progress=False)
+        t = time.perf_counter()
+        path = ex.create_training_dataset()
+        wall = time.perf_counter() - t
+        local = json.loads((tmp / "td" / Path(path).name).read_text(encoding="utf-8"))["records"]
+        remote = json.loads(Path(path).read_text(encoding="utf-8"))["records"]
+        o = ex.report.stats["overall"]
+        say(f"  through the server: {wall:.1f} s, {client.stats.new_tokens} tokens")
+        return {"engine": client.resolved.display_name, "concurrency": client.cfg.concurrency, "chunks": chunks,
+                "wall_s": round(wall, 2), "s_per_chunk": round(wall / chunks, 2),
+                "kept_per_chunk": round(o["questions_kept"] / chunks, 2), "records": ex.report.records,
+                "generated_tokens": client.stats.new_tokens, "same_records": local == remote}
+    finally:
+        if server is not None:  # the server this bench started, by its own handle
+            server.terminate()
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
@@ -173,6 +236,11 @@ def main(argv=None) -> int:
     g.add_argument("--chunks", type=int, default=6, help="chunks extracted (default 6)")
     g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
+    g = p.add_argument_group("part 3: extraction on an external engine")
+    g.add_argument("--llm-server", default=None, metavar="URL",
+                   help="also extract through this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1 of vllm serve); "
+                        "'self' starts main.py serve on this machine with --model")
+    g.add_argument("--llm-model", default=None, help="model name on that server (default: the first it lists)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -216,6 +284,9 @@ def main(argv=None) -> int:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
             results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
+            if args.llm_server:
+                say(f"part 3: the same extraction through {args.llm_server} ...")
+                results["engine"] = part_engine(kb, embedder, n, args, Path(tmp))
     results["load_after"] = cpu_note(0)
 
     print(f"\nmodel {results['model']} on {results['device']}, torch threads {results['torch_threads']}; "
@@ -241,8 +312,20 @@ def main(argv=None) -> int:
         ))
         print(f"extraction / bare generation: {r['wall_over_bare']}x  (target <= 1.3x); extraction / its own time "
               f"inside generate: {r['wall_over_inside']}x (the same ratio, immune to load changing between the runs)")
+        print(f"seconds per chunk: {r['extraction_wall_s'] / r['chunks']:.2f}; questions kept per chunk: "
+              f"{r['questions_kept'] / r['chunks']:.2f}")
         print(f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
               f"answers {r['answers']}, dropped {r['dropped']}")
+    if "engine" in results:
+        r, local = results["engine"], results["extraction"]
+        rows = [["in-process generate (part 2)", local["chunks"], local["extraction_wall_s"],
+                 round(local["extraction_wall_s"] / local["chunks"], 2), round(local["questions_kept"] / local["chunks"], 2),
+                 local["records"], "1.00x"],
+                [f"server: {r['engine']}", r["chunks"], r["wall_s"], r["s_per_chunk"], r["kept_per_chunk"], r["records"],
+                 f"{(local['extraction_wall_s'] / local['chunks']) / r['s_per_chunk']:.2f}x"]]
+        print(table(["path", "chunks", "seconds", "s/chunk", "kept/chunk", "records", "speed-up"], rows,
+                    title=f"\n3. extraction on an external engine ({r['concurrency']} requests in flight)"))
+        print(f"same records as in-process: {r['same_records']}  (target on a GPU: vLLM >= 10x in-process generate)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -131,18 +131,23 @@ class SharedEngine:
     """A ``GenerationEngine`` wrapper that many request threads call at once.
 
     ``generate`` of ONE conversation (what RAG and chat requests make) is queued; a
-    worker thread takes what is queued when the model is free, waiting up to
-    ``window_s`` for companions only while ``pending()`` (the requests in flight that
-    may still call ``generate``) says more are coming, and runs it as one batched
-    ``generate`` (up to ``max_batch``, same settings). A lone request never waits. Anything
+    worker thread takes what is queued when the model is free and runs it as one
+    batched ``generate`` (up to ``max_batch``, same settings). Before it starts it
+    waits, ``window_s`` at most, while companions are coming: ``pending()`` (requests
+    in flight that may still call ``generate``) exceeds the queue, or the last one
+    arrived under ``gap_s`` ago (a burst, such as the extractor's concurrent requests,
+    still arriving). A lone request waits ``gap_s`` at most. Anything
     else (several conversations, streams, scoring) takes the model's lock in turn.
     Everything else (``resolved``, ``notice``, ``stats``, ``format_prompt``) is the
     wrapped engine's.
     """
 
     def __init__(self, inner, *, max_batch: int = ServeConfig.max_batch,
-                 window_s: float = ServeConfig.batch_window_ms / 1000, pending: Callable[[], int] | None = None):
+                 window_s: float = ServeConfig.batch_window_ms / 1000, gap_s: float = ServeConfig.batch_gap_ms / 1000,
+                 pending: Callable[[], int] | None = None):
         self.inner = inner
+        self.gap_s = gap_s
+        self._last_arrival = 0.0
         self.pending = pending or (lambda: self.max_batch)  # unknown: always worth the window
         self.max_batch = max(1, max_batch)
         self.window_s = window_s
@@ -167,6 +172,7 @@ class SharedEngine:
             if self._closed:
                 raise MemChatError("The server is shutting down.")
             self._queue.append(item)
+            self._last_arrival = time.monotonic()
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="memchat-batcher", daemon=True)
                 self._worker.start()
@@ -181,10 +187,14 @@ class SharedEngine:
                 if self._closed and not self._queue:
                     return
                 first_at = time.monotonic()
-                while len(self._queue) < min(self.max_batch, self.pending()):  # companions on their way
-                    left = self.window_s - (time.monotonic() - first_at)
-                    if left <= 0 or not self._cv.wait(timeout=left):
+                while len(self._queue) < self.max_batch:  # companions on their way?
+                    now = time.monotonic()
+                    left = self.window_s - (now - first_at)
+                    coming = self.pending() > len(self._queue)
+                    burst = now - self._last_arrival < self.gap_s
+                    if left <= 0 or not (coming or burst):
                         break
+                    self._cv.wait(timeout=left if coming else min(left, self.gap_s))
                 key = _settings_key(self._queue[0].kwargs)
                 take = [p for p in self._queue if _settings_key(p.kwargs) == key][: self.max_batch]
                 self._queue = [p for p in self._queue if p not in take]
@@ -274,7 +284,8 @@ class MemChatService:
 
     def _share(self, engine) -> SharedEngine:
         return engine if isinstance(engine, SharedEngine) else SharedEngine(
-            engine, max_batch=self.cfg.max_batch, window_s=self.cfg.batch_window_ms / 1000, pending=lambda: self._active)
+            engine, max_batch=self.cfg.max_batch, window_s=self.cfg.batch_window_ms / 1000,
+            gap_s=self.cfg.batch_gap_ms / 1000, pending=lambda: self._active)
 
     # -- models ----------------------------------------------------------------
     def finetuned_available(self) -> bool:
