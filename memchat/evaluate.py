@@ -297,7 +297,9 @@ class RAGSystem(System):
 
     @property
     def model(self) -> str:
-        return self.rag.generator.resolved.display_name
+        if self.rag.resolved_mode() == "extractive":
+            return "extractive reader (no LM)"
+        return f"{self.rag.generator.resolved.display_name} (generative + verification)"
 
     def answer_many(self, questions, batch_size):
         return [_from_answer(a) for a in self.rag.answer_many(list(questions), batch_size=batch_size)]
