@@ -45,6 +45,7 @@ class Chunk:
     index: int  # 0-based position within the document
     content_hash: str  # sha256 hex of text (utf-8): finds unchanged chunks across versions
     ocr: bool = False  # some of its text was read by OCR (a page without a text layer)
+    heading: str = ""  # the nearest heading at or before its start ("" if none): retrieval context
 
 
 PAGE_SEPARATOR = "\n\n"  # pages are joined as paragraphs: a page break is a good place to cut
@@ -73,6 +74,7 @@ def chunk_pages(
 
     text, offsets, numbers = _join_pages(pages)
     ocr_pages = {p.number for p in pages if getattr(p, "ocr", False)}
+    para_starts = [0] + [m.end() for m in _PARA_BREAK.finditer(text)]
     chunks = []
     for index, (start, end) in enumerate(_spans(text, chunk_size, chunk_overlap, min_chunk_chars, limit=max_chunks)):
         piece = text[start:end]
@@ -85,9 +87,25 @@ def chunk_pages(
                 index=index,
                 content_hash=hashlib.sha256(piece.encode("utf-8")).hexdigest(),
                 ocr=bool(ocr_pages) and any(n in ocr_pages for n in numbers[first : last + 1]),
+                heading=_heading_at(text, para_starts, start),
             )
         )
     return chunks
+
+
+_HEADING_LOOKBACK = 4000  # characters searched back for a heading: about a page
+
+
+def _heading_at(text: str, starts: list[int], start: int) -> str:
+    """The nearest heading-like paragraph (short, no final punctuation) starting at or before ``start``."""
+    j = bisect_right(starts, start) - 1
+    while j >= 0 and starts[j] >= start - _HEADING_LOOKBACK:
+        end = starts[j + 1] if j + 1 < len(starts) else len(text)
+        para = " ".join(text[starts[j] : end].split())
+        if para and len(para) <= _HEADING_CHARS and para[-1] not in ".!?:;,。" and any(c.isalpha() for c in para):
+            return para
+        j -= 1
+    return ""
 
 
 def split_sentences(text: str, max_chars: int | None = 500) -> list[str]:

@@ -223,7 +223,7 @@ class KnowledgeBase:
             progress(name, 0.3, f"embedding {len(chunks)} chunks")
         # Embedded with the document's title (and heading, when the chunker found one): see search_text.
         vectors = self.embedder().encode(
-            [search_text({"document": name, "text": c.text, "heading": getattr(c, "heading", None)}) for c in chunks])
+            [search_text({"document": name, "text": c.text, "heading": c.heading}) for c in chunks])
         if progress:
             progress(name, 0.95, "saving")
         return _Prepared(name, doc.sha256, doc.num_pages, chunks, vectors, time.perf_counter() - t0)
@@ -321,6 +321,7 @@ class KnowledgeBase:
                         "text": c.text,
                         "hash": c.content_hash,
                         **({"ocr": True} if c.ocr else {}),  # read by OCR (no text layer)
+                        **({"heading": c.heading} if c.heading else {}),  # nearest heading: retrieval context
                     }
                 history = (old or {}).get("history", [])
                 if old is not None:
