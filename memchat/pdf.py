@@ -133,6 +133,7 @@ def extract_pdf(
                 text = f"{text}\n\n{layer}"
             texts[i] = text
             read_by_ocr.add(i)
+    texts = _drop_running_lines(texts)
     hyphenated, words = _vocabulary(texts)
     pages = [Page(number=i + 1, text=_clean_page(t, hyphenated, words), ocr=i in read_by_ocr) for i, t in enumerate(texts)]
     if not any(p.text for p in pages):
@@ -454,6 +455,86 @@ _ENDS_SENTENCE = re.compile(r"[.!?:。][\"'”’»)\]」』]*$")
 _SHORT_LINE = 0.75  # of the page's typical line length: shorter sentence-final lines end paragraphs
 _HEADING_LINE = 0.6  # shorter lines without final punctuation, between sentences, are headings
 _MIN_LINES_FOR_LAYOUT = 4  # fewer lines give no reliable "typical" length
+
+
+# ---------------------------------------------------------------------------
+# Running heads and footers
+# ---------------------------------------------------------------------------
+_DIGITS = re.compile(r"\d+")
+_ALNUM = re.compile(r"[^\W_]")
+_ROMAN = re.compile(r"(?<![a-z])[ivxlcdm]+(?![a-z])")
+_RUNNING_SHARE = 0.4  # of the pages with text: alternating heads (title on versos, chapter on rectos) are ~half
+_RUNNING_MIN_PAGES = 3  # a line on two pages is content repeated, not a running head
+_EDGE_LINES = 3  # a page's first and last lines, where heads and footers stand
+
+
+def _line_key(line: str) -> str:
+    """What a running line keeps from page to page: folio numbers vary, so words with digits
+    and roman numerals (front matter: "Page xiv") become "#"; case and spacing are ignored;
+    a line of symbols only is "~"."""
+    low = line.lower().strip()
+    if not _ALNUM.search(low):
+        # Printer's marks and rules ("❙❚❘❙❚❘", "* * * *"): one kind. A short one ("}", "*/")
+        # is code or a bullet, never a running line.
+        return "~" if len(low) >= 5 else ""
+    # A word with a digit in it is "#" whole: "14773_03_307-330_r7dy.qxd", "S32", "2/10/04".
+    return " ".join("#" if _DIGITS.search(word) else word for word in _ROMAN.sub("#", low).split())
+
+
+def _drop_running_lines(texts: list[str]) -> list[str]:
+    """Drop running heads, footers and printer's marks: lines whose key (``_line_key``) is on
+    at least 40% of the pages with text, and on 3 or more, where they begin or end a page,
+    or where three or more of them stand together inside it (a printer's margin that
+    pypdf emits mid-page), or alone inside it when the line is at an edge on 40% of the
+    pages too. Other such lines inside the text stay: they may be content.
+    A page's lines are counted once, so a line repeated on one page is no running line.
+    """
+    pages = [t.replace("\r\n", "\n").translate(_LINE_BREAKS).split("\n") for t in texts]
+    keyed = [[_line_key(line) for line in lines] for lines in pages]
+    with_text = sum(any(keys) for keys in keyed)
+    if with_text < _RUNNING_MIN_PAGES:
+        return texts
+    counts: dict[str, int] = {}
+    edges: dict[str, int] = {}  # pages where the key is among the first or last 3 lines
+    for keys in keyed:
+        for key in set(keys):
+            if key:
+                counts[key] = counts.get(key, 0) + 1
+        present = [k for k in keys if k]
+        for key in set(present[:_EDGE_LINES] + present[-_EDGE_LINES:]):
+            edges[key] = edges.get(key, 0) + 1
+    need = max(_RUNNING_MIN_PAGES, _RUNNING_SHARE * with_text)
+    # Worded lines must also stand at the page's edge on many pages: a figure's label ("trace")
+    # repeats on pages too, but inside them. Folios and marks ("#", "# #", "~") need not.
+    running = {key for key, n in counts.items()
+               if n >= need and (edges.get(key, 0) >= need / 2 or all(w in "#~" for w in key.split()))}
+    if not running:
+        return texts
+    edge_bound = {key for key in running if edges.get(key, 0) >= need}  # at an edge on 40% of pages
+
+    out = []
+    for text, lines, keys in zip(texts, pages, keyed):
+        drop = [not key or key in running for key in keys]
+        keep = [True] * len(lines)
+        lo, hi = 0, len(lines)
+        while lo < hi and drop[lo]:  # the run that starts the page
+            keep[lo] = False
+            lo += 1
+        while hi > lo and drop[hi - 1]:  # ...and the one that ends it
+            keep[hi - 1] = False
+            hi -= 1
+        i = lo
+        while i < hi:  # inside the page: blocks of 3+ running lines (a margin's marks), and edge-bound ones
+            j = i
+            while j < hi and drop[j]:
+                j += 1
+            block = [k for k in range(i, j) if keys[k]]
+            for k in block:
+                if len(block) >= 3 or keys[k] == "~" or keys[k] in edge_bound:
+                    keep[k] = False
+            i = j + 1
+        out.append(text if all(keep) else "\n".join(line for line, k in zip(lines, keep) if k))
+    return out
 
 
 def _vocabulary(texts: list[str]) -> tuple[set[str], set[str]]:

@@ -136,7 +136,7 @@ def test_japanese_text_is_cut_at_sentence_ends():
 @needs_pdfs
 def test_large_book_chunks_in_well_under_a_second():
     pages = extracted("large/freeculture.pdf").pages
-    assert sum(len(p.text) for p in pages) > 650_000
+    assert sum(len(p.text) for p in pages) > 600_000  # ~645k since the printer's margins are dropped (706k with them)
     timings = []
     for _ in range(3):
         t0 = time.perf_counter()

@@ -288,3 +288,53 @@ def test_pypdf_repair_noise_becomes_one_line(caplog):
     summary = [r for r in caplog.records if r.name == "memchat.pdf"]
     assert len(summary) == 1 and "startxref" in summary[0].getMessage()
     assert (pypdf_logger.propagate, list(pypdf_logger.handlers)) == before  # restored afterwards
+
+
+# ---------------------------------------------------------------------------
+# Running heads and footers
+# ---------------------------------------------------------------------------
+def _report(pages: int = 6, repeated_twice: str | None = None, repeated_inside: str | None = None) -> bytes:
+    from tests.pdfmaker import text_pdf
+
+    words = "storm lamp keeper tide rock gull fog bell oil wick lens tower reef ship harbour".split()
+    out = []
+    for n in range(1, pages + 1):
+        lines = [(760, "Annual Report of the Lighthouse Board")]
+        if repeated_twice and n in (2, 5):
+            lines.append((730, repeated_twice))
+        body = [f"On page {n} the {words[(n + i) % 15]} and the {words[(2 * n + i) % 15]} of line {i} were noted."
+                for i in range(8)]
+        if repeated_inside:
+            body.insert(4, repeated_inside)
+        lines += [(700 - 14 * i, line) for i, line in enumerate(body)]
+        lines.append((40, f"Page {n} of {pages}" if n % 2 else f"- {n} -"))
+        out.append(lines)
+    return text_pdf(out)
+
+
+def test_running_head_and_page_numbers_are_dropped():
+    doc = extract_pdf(_report(), "report.pdf")
+    for n, page in enumerate(doc.pages, 1):
+        assert "Lighthouse Board" not in page.text and "Page " not in page.text and f"- {n} -" not in page.text
+        assert page.text.startswith(f"On page {n} the") and page.text.endswith("of line 7 were noted.")  # the body stays
+
+
+def test_a_line_repeated_on_two_pages_or_inside_the_text_stays():
+    doc = extract_pdf(_report(repeated_twice="Keepers must log every storm.",
+                              repeated_inside="See the table of storms below."), "report.pdf")
+    assert [p.number for p in doc.pages if "Keepers must log every storm." in p.text] == [2, 5]
+    assert all("See the table of storms below." in p.text for p in doc.pages)  # on every page, but not at an edge
+
+
+def test_too_few_pages_for_running_lines():
+    doc = extract_pdf(_report(pages=2), "short.pdf")
+    assert all("Lighthouse Board" in p.text for p in doc.pages)
+
+
+def test_freeculture_printer_margins_are_gone():
+    pages = extracted("large/freeculture.pdf").pages
+    text = "\n".join(p.text for p in pages)
+    for mark in ("4TH PASS PAGES", ".qxd", "free-culture.org/get-it"):
+        assert mark not in text
+    assert not re.search(r"(?m)(^\d{1,2}\n){5,}", text)  # the margin's line numbers 1..33
+    assert "the\nFCC announced a set of policies" in text  # the book is still there
