@@ -86,7 +86,12 @@ def main(argv=None) -> int:
                 cfg.retrieval, cfg.min_coverage, cfg.min_support = "dense", 0.0, 0.0
             rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
                               mode=mode)
-            generates = rag.resolved_mode() == "generative"
+            resolved = rag.resolved_mode()
+            same = next((r for n2, r, m in table if n2 == name and r == resolved and row == "auto"), None)
+            if same is not None:  # auto resolved to a row already measured: the same computation, not run twice
+                table.append((name, f"auto (= {resolved})", next(m for n2, r, m in table if n2 == name and r == same)))
+                continue
+            generates = resolved == "generative"
             n = args.generative_limit if generates else args.limit
             qs = sample(answerable, n) + sample(unanswerable, min(n, len(unanswerable)) if n else 0)
             rep = evaluate(qs, [RAGSystem(rag)], EvalConfig(systems=("rag",), top_k=cfg.top_k),
