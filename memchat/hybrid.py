@@ -1,33 +1,29 @@
 """Hybrid answering: the fine-tuned model drafts, the documents decide.
 
 A fine-tuned model has read the documents, but small ones misremember; RAG reads
-the right page, but a small instruct model often words its answer poorly or
-misses the fact in front of it. The hybrid uses each for what it is good at:
+the right page, but picks the wrong phrase of it now and then. The hybrid uses each
+for what it is good at:
 
-  verify  (default) The fine-tuned model drafts an answer (greedy, short). The
-          knowledge base is searched twice, with the question and with
-          "question + draft" (the draft speaks the document's vocabulary: a
-          HyDE-style expansion, Gao et al. 2022), and the two rankings are merged by
-          reciprocal rank fusion, so a wrong draft can add chunks but never push out
-          the ones the question found by itself. The RAG model answers from the
-          evidence sentences of the merged chunks, as in ``rag``. Then the evidence
-          decides: the draft replaces the grounded answer only when the evidence
-          sentences contain clearly more of the draft's content words than of the
-          grounded answer's (``support``: at least VERIFY_MIN_SUPPORT, and
-          VERIFY_MARGIN more). Either way the answer is shown with that evidence and
-          its citations, so a reader can check it.
-  expand  The same without the final check: always the grounded answer.
-  route   One retrieval; if its best score is below ``route_threshold`` (the
-          question is not about the documents) the fine-tuned model answers alone,
-          else RAG answers. The cheapest: one model per question.
+  verify  (default) The fine-tuned model drafts a short answer (greedy). The knowledge
+          base is searched twice, with the question and with "question + draft" (the
+          draft speaks the document's vocabulary: a HyDE-style expansion, Gao et al.
+          2022), and the two rankings are merged by reciprocal rank fusion, so a wrong
+          draft can add chunks but never push out the ones the question found. Then the
+          RAG answer is made in the RAG's mode (``rag.RAGPipeline.resolved_mode``):
+          - extractive: the draft *votes* among the evidence's candidate spans (a bonus
+            of DRAFT_VOTE x the span's token F1 with the draft). The answer is still a
+            span of the documents: a draft that remembers the fact picks it, one that
+            misremembers cannot put its words in the documents' mouth;
+          - generative: the grounded answer is generated; the draft replaces it only
+            when the evidence supports the draft clearly better (``rag.support`` at
+            least VERIFY_MIN_SUPPORT and VERIFY_MARGIN more); the RAG's verification
+            then applies to whichever was chosen.
+  expand  The same without the vote or the choice: always the grounded answer.
+  route   One retrieval; if its best score is below ``route_threshold`` (the question is
+          not about the documents) the fine-tuned model answers alone, else RAG answers.
 
-Measured with ``test_finetuned_model.py --eval`` on ../shared/data/qa_dev (49
-SQuAD questions, 4 PDFs; SmolLM2-135M for both models, fine-tuned on the
-extraction's pairs): token F1 / contains-gold were RAG 8.7 / 24.5%, fine-tuned
-11.9 / 32.7%, expand 9.6 / 26.5%, verify 14.8 / 42.9%; route sent every question
-to RAG (all are about the documents) and scored as RAG. Hence verify. Its
-thresholds were set before measuring and not tuned on that set (0.5-0.7 and
-margins 0.1-0.4 all scored F1 13.9-16.2).
+Abstention is the RAG's: a question the documents are not about gets "I don't know".
+Measured figures: bench/README.md (bench/knowledge.py's hybrid row).
 
 Deliberately left out: loading models (``finetuned``, ``generation``) and the UI.
 """
@@ -39,14 +35,12 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .knowledge import Hit
+from .knowledge import Hit, rrf_fuse
 from .evaluate import token_f1
-from .rag import ANSWERED, Answer, Evidence, RAGPipeline
-from .text import content_words as _content_words
+from .rag import ANSWERED, Answer, Evidence, RAGPipeline, support
 
 STRATEGIES = ("verify", "expand", "route")
 DEFAULT_STRATEGY = "verify"
-RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): damps the top ranks' weight
 DRAFT_MAX_NEW_TOKENS = 48  # a draft only needs the key words; longer drafts dilute the query
 ROUTE_THRESHOLD = 0.35  # cosine of MiniLM: below it, the best chunk is rarely about the question
 VERIFY_MARGIN = 0.25  # the draft must beat the grounded answer's support by this much
@@ -65,28 +59,14 @@ class HybridAnswer(Answer):
     strategy: str = ""
 
 
-def support(text: str, evidence: Sequence[Evidence], n: int = VERIFY_EVIDENCE) -> float:
-    """Share of ``text``'s content words that appear in the top ``n`` evidence sentences (0..1)."""
-    words = _content_words(text)
-    if not words:
-        return 0.0
-    found: set[str] = set()
-    for e in evidence[:n]:
-        found |= _content_words(e.sentence)
-    return len(words & found) / len(words)
-
-
 def fuse(rankings: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
-    """Reciprocal rank fusion of several rankings of chunks; the best ``k``, each with its best cosine."""
-    scores: dict[int, float] = {}
+    """Reciprocal rank fusion (``knowledge.rrf_fuse``) of several rankings of chunks; each kept with its best cosine."""
     best: dict[int, Hit] = {}
     for ranking in rankings:
-        for rank, hit in enumerate(ranking):
-            scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
+        for hit in ranking:
             if hit.chunk_id not in best or hit.score > best[hit.chunk_id].score:
                 best[hit.chunk_id] = hit
-    order = sorted(scores, key=lambda cid: (-scores[cid], -best[cid].score))
-    return [best[cid] for cid in order[:k]]
+    return [best[cid] for cid in rrf_fuse([[h.chunk_id for h in r] for r in rankings], k)]
 
 
 class HybridPipeline:
@@ -130,9 +110,10 @@ class HybridPipeline:
         t2 = time.perf_counter()
         return hits, evidence, self.rag.build_messages(question, evidence), {"retrieve_s": t1 - t0, "evidence_s": t2 - t1}
 
-    def _choose(self, grounded: str, draft: str, evidence: list[Evidence]) -> tuple[str, str]:
+    def _choose(self, question: str, grounded: str, draft: str, evidence: list[Evidence]) -> tuple[str, str]:
         if self.strategy == "verify" and draft.strip():
-            d, g = support(draft, evidence), support(grounded, evidence)
+            sentences = [e.sentence for e in evidence[:VERIFY_EVIDENCE]]
+            d, g = support(draft, question, sentences), support(grounded, question, sentences)
             if d >= VERIFY_MIN_SUPPORT and d >= g + VERIFY_MARGIN:
                 return draft.strip(), "draft"
         return grounded.strip(), "grounded"
@@ -190,7 +171,7 @@ class HybridPipeline:
                 results = self.rag.generator.generate(prompts, batch_size=batch_size, **self.rag.gen_kwargs())
                 for i, r in zip(todo, results):
                     h = out[i]
-                    chosen, h.route = self._choose(r.text, h.draft, h.evidence)
+                    chosen, h.route = self._choose(h.question, r.text, h.draft, h.evidence)
                     self.rag.verify(h, chosen)
                     h.model = self.display_name
         per = (time.perf_counter() - t0) / max(1, len(questions))

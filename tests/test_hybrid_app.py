@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from memchat.hybrid import HybridPipeline, fuse, support
+from memchat.hybrid import HybridPipeline, fuse
 from memchat.knowledge import Hit
-from memchat.rag import Evidence, RAGPipeline
+from memchat.rag import RAGPipeline
 from tests.test_finetuned import QA_PDFS, fake_embedder, lineage_of, make_finetuned, make_kb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,13 +130,6 @@ def test_fusion_keeps_what_the_question_found():
     # 1: 1/61 + 1/62; 4: 1/61; 2: 1/62 -> 1, 4, 2
     assert [h.chunk_id for h in fused] == [1, 4, 2]
     assert fused[0].score == 0.9  # the best cosine of the two searches
-
-
-def test_support_counts_content_words_in_the_evidence():
-    ev = [Evidence("Igneous rock crystallizes from magma.", 1.0, _hit(1, 0.9))]
-    assert support("igneous magma", ev) == 1.0
-    assert support("The granite", ev) == 0.0
-    assert support("magma and granite", ev) == 0.5  # "and" is a stop word
 
 
 @pytest.mark.parametrize("strategy", ["expand", "verify", "route"])
