@@ -111,7 +111,7 @@ def extract_pdf(
         if len(reader.pages) > limits.max_pages:
             raise LimitError(name, f"has {len(reader.pages):,} pages, over the {limits.max_pages:,}-page limit; "
                              "raise MEMCHAT_MAX_PAGES if you trust it")
-        raw_pages, failures = _extract_raw(reader, name, limits.max_chars, on_page)
+        raw_pages, failures, starts = _extract_raw(reader, name, limits.max_chars, on_page)
     if notes:
         level = logging.WARNING if any(lvl >= logging.ERROR for lvl, _ in notes) else logging.INFO
         log.log(level, "%s: pypdf met %d problem(s) while reading, first: %s", name, len(notes), notes[0][1])
@@ -135,7 +135,8 @@ def extract_pdf(
             read_by_ocr.add(i)
     texts = _drop_running_lines(texts)
     hyphenated, words = _vocabulary(texts)
-    pages = [Page(number=i + 1, text=_clean_page(t, hyphenated, words), ocr=i in read_by_ocr) for i, t in enumerate(texts)]
+    pages = [Page(number=i + 1, text=_clean_page(t, hyphenated, words, set() if i in read_by_ocr else starts[i]),
+                  ocr=i in read_by_ocr) for i, t in enumerate(texts)]
     if not any(p.text for p in pages):
         if ocr_problem:
             raise BadDocumentError(name, f"has no text layer in its {len(pages)} page(s) (a scan?) and {ocr_problem}")
@@ -237,24 +238,29 @@ class _OverCap(Exception):
 
 def _extract_raw(
     reader: pypdf.PdfReader, name: str, max_chars: int, on_page: PageFn | None = None
-) -> tuple[list[str], list[str]]:
-    """Raw pypdf text per page (a page that fails is logged and becomes ""), and the failures.
+) -> tuple[list[str], list[str], list[set[str]]]:
+    """Raw pypdf text per page (a page that fails is logged and becomes ""), the failures,
+    and per page the starts of lines that the layout marks as new paragraphs (``_paragraph_starts``).
 
     Raises LimitError as soon as the text passes ``max_chars``: pypdf calls a visitor for
     every piece of text it shows, so one page of a huge content stream stops at the cap too.
     """
     texts: list[str] = []
     failures: list[str] = []
+    starts: list[set[str]] = []
     num_pages = len(reader.pages)
     used = 0  # characters of the pages so far
     for i in range(num_pages):
         seen, text = 0, ""
+        pieces: list[tuple[float, float, str]] = []  # (x, y, text) of each text operation, user space
 
-        def count(piece: str, *_args) -> None:
+        def count(piece: str, cm, tm, *_args) -> None:
             nonlocal seen
             seen += len(piece)
             if used + seen > max_chars:
                 raise _OverCap
+            if piece.strip():
+                pieces.append((tm[4] * cm[0] + tm[5] * cm[2] + cm[4], tm[4] * cm[1] + tm[5] * cm[3] + cm[5], piece))
 
         try:
             text = reader.pages[i].extract_text(visitor_text=count) or ""
@@ -274,9 +280,50 @@ def _extract_raw(
             text = ""
         used += len(text)
         texts.append(text)
+        starts.append(_paragraph_starts(pieces) if text else set())
         if on_page:
             on_page(i + 1, num_pages, "text")
-    return texts, failures
+    return texts, failures, starts
+
+
+_START_KEY = 24  # characters of a line's start that identify it on its page
+
+
+def _start_key(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split())[:_START_KEY]
+
+
+def _paragraph_starts(pieces: list[tuple[float, float, str]]) -> set[str]:
+    """Starts (``_start_key``) of the lines that open a paragraph by the layout: an indented
+    first line, or a line after a gap wider than the usual line pitch (same column, below).
+
+    Text alone cannot tell a paragraph that ends with a full-width line from a sentence that
+    ends at a line end; where the text was put on the page can.
+    """
+    lines: list[list] = []  # [x, y, text] of each visual line, in content-stream order
+    for x, y, piece in pieces:
+        if lines and abs(lines[-1][1] - y) < 1.0:
+            lines[-1][2] += piece
+        else:
+            lines.append([x, y, piece])
+    if len(lines) < _MIN_LINES_FOR_LAYOUT:
+        return set()
+    steps = sorted(a[1] - b[1] for a, b in zip(lines, lines[1:]) if 0 < a[1] - b[1] < 50)
+    if not steps:
+        return set()
+    pitch = steps[len(steps) // 2]  # the usual distance between two lines, in points
+    found = set()
+    for k in range(1, len(lines)):
+        (x0, y0, _), (x, y, text) = lines[k - 1], lines[k]
+        below = 0 < y0 - y
+        after_gap = below and y0 - y > 1.4 * pitch and abs(x - x0) < 0.5 * pitch
+        nxt = lines[k + 1] if k + 1 < len(lines) else None
+        # Indented against both neighbours, which share a margin: a first line.
+        indented = (below and nxt is not None and 0 < y - nxt[1] < 1.5 * pitch and abs(nxt[0] - x0) < 1.0
+                    and 0.5 * pitch < x - x0 < 4 * pitch)
+        if after_gap or indented:
+            found.add(_start_key(text))
+    return found
 
 
 def _ocr_pages(
@@ -548,15 +595,16 @@ def _vocabulary(texts: list[str]) -> tuple[set[str], set[str]]:
     return hyphenated, words
 
 
-def _clean_page(text: str, hyphenated: set[str], words: set[str]) -> str:
+def _clean_page(text: str, hyphenated: set[str], words: set[str], starts: set[str] = frozenset()) -> str:
     """One page of NFKC-normalised pypdf text -> tidy text with paragraphs as "\\n\\n"."""
     text = _INVISIBLE.sub("", text.replace("\r\n", "\n").translate(_LINE_BREAKS))
     lines = [_SPACE_BETWEEN_CJK.sub("", _SPACES.sub(" ", line).strip()) for line in text.split("\n")]
-    paragraphs = [_dehyphenate(p, hyphenated, words) for p in _paragraphs(lines)]
+    # starts: line starts the layout marks as new paragraphs (_paragraph_starts).
+    paragraphs = [_dehyphenate(p, hyphenated, words) for p in _paragraphs(lines, starts)]
     return "\n\n".join("\n".join(p) for p in paragraphs if p)
 
 
-def _paragraphs(lines: list[str]) -> list[list[str]]:
+def _paragraphs(lines: list[str], starts: set[str] = frozenset()) -> list[list[str]]:
     """Split lines into paragraphs: at blank lines, and where the layout says a paragraph ends."""
     lengths = sorted(len(line) for line in lines if line)
     # The 80th percentile, not the maximum: a single wide line (a URL, a table row) is no measure.
@@ -571,7 +619,7 @@ def _paragraphs(lines: list[str]) -> list[list[str]]:
                 current = []
             continue
         current.append(line)
-        if typical and _ends_paragraph(line, lines, i, typical):
+        if typical and _ends_paragraph(line, lines, i, typical, starts):
             paragraphs.append(current)
             current = []
     if current:
@@ -579,13 +627,15 @@ def _paragraphs(lines: list[str]) -> list[list[str]]:
     return paragraphs
 
 
-def _ends_paragraph(line: str, lines: list[str], i: int, typical: int) -> bool:
+def _ends_paragraph(line: str, lines: list[str], i: int, typical: int, starts: set[str] = frozenset()) -> bool:
     nxt = lines[i + 1] if i + 1 < len(lines) else ""
     if not nxt or nxt[0].islower():  # a lower-case start continues the sentence
         return False
     if _ENDS_SENTENCE.search(line):
         if len(line) < _SHORT_LINE * typical:
             return True  # the short last line of a justified paragraph
+        if starts and _start_key(nxt) in starts:
+            return True  # a full last line: the next one is indented, or set apart, on the page
         # A full line ending a sentence, then a short line without punctuation: a heading follows.
         return _is_heading(nxt, typical)
     # This line is a heading itself if it sits between a sentence end and a new line.

@@ -44,7 +44,8 @@ def text_pdf(pages: list[list[str]], font_size: float = 11, leading: float = 14,
              left: float = 72, width: float = 612, height: float = 792) -> bytes:
     """One page per list of lines, each line drawn in Helvetica from the top; "" leaves a line empty.
 
-    A line given as (y, text) is drawn at that height instead (running heads, footers).
+    A line given as (y, text) is drawn at that height instead (running heads, footers);
+    (y, text, dx) also moves it dx points right (an indented first line).
     """
     objects = {1: b"<< /Type /Catalog /Pages 2 0 R >>", 3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"}
     kids = []
@@ -52,13 +53,15 @@ def text_pdf(pages: list[list[str]], font_size: float = 11, leading: float = 14,
         ops = []
         y = top
         for line in lines:
+            x = left
             if isinstance(line, tuple):
-                at, text = line
+                at, text, *more = line
+                x += more[0] if more else 0
             else:
                 at, text = y, line
                 y -= leading
             if text:
-                ops.append(b"BT /F1 %.1f Tf %.1f %.1f Td (%s) Tj ET" % (font_size, left, at, _escape(text)))
+                ops.append(b"BT /F1 %.1f Tf %.1f %.1f Td (%s) Tj ET" % (font_size, x, at, _escape(text)))
         page, content = 10 + 2 * i, 11 + 2 * i
         objects[content] = _stream(b"\n".join(ops))
         objects[page] = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Resources << /Font << /F1 3 0 R >> >> "

@@ -338,3 +338,39 @@ def test_freeculture_printer_margins_are_gone():
         assert mark not in text
     assert not re.search(r"(?m)(^\d{1,2}\n){5,}", text)  # the margin's line numbers 1..33
     assert "the\nFCC announced a set of policies" in text  # the book is still there
+
+
+# ---------------------------------------------------------------------------
+# Paragraph breaks from the layout
+# ---------------------------------------------------------------------------
+_FULL = [
+    "The keepers climbed the tower every evening at dusk and lit the great lamp",
+    "that warned the ships away from the reef. They trimmed the wicks and wound",
+    "the clockwork that turned the lens, and they wrote the weather in the log.",
+]
+_NEXT = [
+    "In winter the work was harder, because the oil thickened in the cold and the",
+    "glass frosted over on the inside of the lantern room before every dawn came.",
+    "Nobody on the island remembered a night when the light had failed to shine.",
+]
+
+
+def _two_paragraphs(indent: float = 0, gap: float = 0) -> bytes:
+    from tests.pdfmaker import text_pdf
+
+    lines = [(700 - 14 * i, t) for i, t in enumerate(_FULL)]
+    top = 700 - 14 * len(_FULL) - gap
+    lines += [(top - 14 * i, t, indent if i == 0 else 0) for i, t in enumerate(_NEXT)]
+    return text_pdf([lines])
+
+
+@pytest.mark.parametrize("indent, gap", [(18, 0), (0, 10)], ids=["indented", "spaced"])
+def test_a_paragraph_whose_last_line_is_full_is_still_a_paragraph(indent, gap):
+    text = extract_pdf(_two_paragraphs(indent, gap), "p.pdf").pages[0].text
+    assert "in the log.\n\nIn winter" in text
+    assert "reef. They" in text.replace("\n", " ")  # a sentence ending inside a paragraph: no break
+
+
+def test_a_sentence_ending_at_a_line_end_is_no_paragraph_break():
+    text = extract_pdf(_two_paragraphs(0, 0), "p.pdf").pages[0].text
+    assert "in the log.\nIn winter" in text
