@@ -42,8 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import string
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -78,39 +76,8 @@ class EvalConfig:
 # ---------------------------------------------------------------------------
 # Metrics (pure functions: every number in a report can be checked by hand)
 # ---------------------------------------------------------------------------
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD v1.1: lower case, drop punctuation, drop a/an/the, collapse white space."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
-
-
-def _f1(pred: list[str], gold: list[str]) -> float:
-    if not pred or not gold:  # SQuAD v2's rule: both empty is a match, one empty is not
-        return float(pred == gold)
-    same = sum((Counter(pred) & Counter(gold)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-def token_f1(prediction: str, golds: Sequence[str]) -> float:
-    pred = normalize_answer(prediction).split()
-    return max((_f1(pred, normalize_answer(g).split()) for g in golds), default=0.0)
-
-
-def contains_gold(prediction: str, golds: Sequence[str]) -> float:
-    pred = f" {normalize_answer(prediction)} "
-    return float(any(g and f" {g} " in pred for g in map(normalize_answer, golds)))
+# The SQuAD metrics live with the other text helpers (the reader and the training probe use them too).
+from .text import contains_gold, exact_match, normalize_answer, token_f1  # noqa: E402,F401  (re-exported)
 
 
 WRONG_F1 = 0.2  # an answer with token F1 below this shares almost nothing with any gold answer

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .knowledge import Hit, rrf_fuse
-from .evaluate import token_f1
+from .text import token_f1
 from .rag import ANSWERED, Answer, Evidence, RAGPipeline, support
 
 STRATEGIES = ("verify", "expand", "route")

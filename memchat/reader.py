@@ -238,9 +238,7 @@ class ExtractiveReader:
             return Reading("")
         scores = X @ self.w
         if hint and hint_weight:
-            from .evaluate import token_f1
-
-            scores = scores + hint_weight * np.array([token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
+            scores = scores + hint_weight * np.array([T.token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
         lm_col = FEATURES.index("lm")
         if self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
             top = np.argsort(-scores)[: self.lm_rerank]

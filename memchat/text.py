@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import functools
 import re
+import string
 import unicodedata
+from collections import Counter
+from typing import Sequence
 from dataclasses import dataclass
 
 WORD = re.compile(r"[^\W_]+", re.UNICODE)
@@ -62,6 +65,44 @@ def content_word_list(text: str) -> list[str]:
     """``content_words`` in order, with repeats (for BM25-style counting)."""
     words = WORD.findall(unicodedata.normalize("NFKC", text).lower())
     return [stem(w) for w in words if w not in STOPWORDS and (len(w) > 1 or w.isdigit())]
+
+
+# ---------------------------------------------------------------------------
+# SQuAD answer metrics (Rajpurkar et al. 2016): pure functions, checkable by hand
+# ---------------------------------------------------------------------------
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1: lower case, drop punctuation, drop a/an/the, collapse white space."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def _f1(pred: list[str], gold: list[str]) -> float:
+    if not pred or not gold:  # SQuAD v2's rule: both empty is a match, one empty is not
+        return float(pred == gold)
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize_answer(prediction).split()
+    return max((_f1(pred, normalize_answer(g).split()) for g in golds), default=0.0)
+
+
+def contains_gold(prediction: str, golds: Sequence[str]) -> float:
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(g and f" {g} " in pred for g in map(normalize_answer, golds)))
 
 
 # ---------------------------------------------------------------------------
