@@ -189,15 +189,22 @@ _WORD_GAP_COLUMNS = 5
 
 
 def _respace(text: str, columns: list[int]) -> str:
-    """Insert a space between two characters read ``_WORD_GAP_COLUMNS`` or more columns apart."""
+    """Insert a space between two characters read further apart than a word gap.
+
+    The gap is ``_WORD_GAP_COLUMNS``, or the line's median letter spacing + 2 columns when
+    that is wider (large or loosely set type), and 2 more after a wide letter (capitals, m, w).
+    """
     if len(columns) != len(text):
         return text  # not the alignment we expect: leave the text as read
+    steps = sorted(columns[i] - columns[i - 1] for i in range(1, len(text))
+                   if not text[i].isspace() and not text[i - 1].isspace())
+    gap = max(_WORD_GAP_COLUMNS, steps[len(steps) // 2] + 2) if steps else _WORD_GAP_COLUMNS
     out = [text[0]]
     for i in range(1, len(text)):
         prev = text[i - 1]
         wide = prev.isupper() or prev in "mwMW"  # wide letters are read further apart
-        if (columns[i] - columns[i - 1] >= _WORD_GAP_COLUMNS + 2 * wide and not text[i].isspace() and not prev.isspace()
-                and text[i] not in ".,;:!?)]}'’”" and text[i - 1] not in "([{‘“"):
+        if (columns[i] - columns[i - 1] >= gap + 2 * wide and not text[i].isspace() and not prev.isspace()
+                and text[i] not in ".,;:!?)]}'’”" and prev not in "([{‘“"):
             out.append(" ")
         out.append(text[i])
     return "".join(out)

@@ -14,16 +14,24 @@ page's text and cleans it:
   justified Japanese/Chinese text) removed, since those scripts do not use them;
 * paragraphs kept as "\\n\\n". pypdf rarely gives blank lines, so a paragraph end is
   inferred from layout: a line that ends a sentence and is clearly shorter than the
-  page's typical line, or a short heading-like line between two sentences.
-  Other line breaks stay "\\n" (code and tables keep their shape).
+  page's typical line, or a short heading-like line between two sentences, or a line
+  ending a sentence before a line that the page shows indented or set apart (positions
+  from pypdf's text visitor). Other line breaks stay "\\n" (code and tables keep their shape);
+* running heads, footers, page numbers and printer's marks dropped: lines on 40% of the
+  pages or more (digits and roman numerals folded, so folios match) at a page's start or
+  end, or in blocks inside it; a line that is on only two pages, or inside the text, stays.
+
+Pages with no text layer (or a near-empty one under a page-sized image) are read by OCR
+(``memchat.ocr``), unless it is off; their ``Page.ocr`` is True. The caps of
+``config.IngestConfig`` (bytes, pages, characters, pages to OCR) are checked as
+extraction goes: a file over one raises LimitError without being read to the end.
 
 Every page is kept, empty or not, so ``pages[i].number == i + 1`` always holds.
 
-Deliberately left out: OCR (a PDF without a text layer is refused with the fix, not
-guessed at), layout analysis (reading order, columns and tables are pypdf's), removal of
-running heads and page numbers (too easy to delete real content), a timeout for a page
-whose extraction hangs (a thread cannot be stopped; a process pool would cost more than
-it saves for the files users add), and anything that imports torch.
+Deliberately left out: layout analysis of text layers (reading order, columns and tables
+are pypdf's; the two- and three-column test files come out column by column), a timeout
+for a page whose extraction hangs (a thread cannot be stopped; a process pool would cost
+more than it saves for the files users add), and anything that imports torch.
 """
 
 from __future__ import annotations

@@ -197,6 +197,15 @@ def test_a_gap_between_two_words_of_one_line_is_not_a_column():
     assert ocr.layout(boxes) == "there was a light behind him. He\ngot up and stretched his neck out"
 
 
+def test_spaces_come_back_from_the_recognisers_columns():
+    # "onthenorthern" as RapidOCR read it, with the CTC column of each character.
+    text, cols = "onthenorthern", [1, 4, 10, 13, 18, 24, 28, 32, 34, 37, 42, 46, 48]
+    assert ocr._respace(text, cols) == "on the northern"
+    assert ocr._respace("RECORD", [0, 6, 12, 18, 24, 30]) == "RECORD"  # capitals are read wider apart
+    assert ocr._respace("end.", [0, 3, 6, 12]) == "end."  # no space before punctuation
+    assert ocr._respace("odd", [0, 3]) == "odd"  # an alignment that does not fit is left alone
+
+
 # ---------------------------------------------------------------------------
 # The real scanned files
 # ---------------------------------------------------------------------------

@@ -374,3 +374,39 @@ def test_a_paragraph_whose_last_line_is_full_is_still_a_paragraph(indent, gap):
 def test_a_sentence_ending_at_a_line_end_is_no_paragraph_break():
     text = extract_pdf(_two_paragraphs(0, 0), "p.pdf").pages[0].text
     assert "in the log.\nIn winter" in text
+
+
+# ---------------------------------------------------------------------------
+# Reading order in multi-column layouts
+# ---------------------------------------------------------------------------
+# Sentences that run over several lines of one column, read off the rendered pages by eye
+# (tracemonkey p. 2: two columns; federal-register p. 3: three). A column-splicing reader
+# would interleave them with the neighbouring column.
+COLUMN_PASSAGES = {
+    ("papers_tables/tracemonkey.pdf", 2): [
+        "If an exit becomes hot, the VM can record a branch trace starting at the exit to cover the new path.",
+        "When the inner loop exits, the VM would detect that a different branch was taken.",
+        "Alternatively, the VM could simply stop tracing, and give up on ever tracing outer loops.",
+        "primes is initialized to an array of 100 false values on entry to this code snippet.",
+    ],
+    ("papers_tables/federal-register-2020-17221.pdf", 3): [
+        "The new master minimum equipment list (MMEL), approved by the FAA, was published on April 10, 2020, "
+        "after undergoing a public notice and comment process.",
+        "An undesired MCAS activation could prompt the flightcrew to perform a non-normal procedure.",
+        "First, as previously discussed, the flight control laws would be changed to instead use inputs from two "
+        "AOA sensors for MCAS activation, so that there would not be an undesired MCAS activation due to a single "
+        "AOA sensor failure that could lead a flightcrew to perform a non-normal procedure.",
+        "These markers, labeled INOP, indicate that one of the positions on the dial that selects display settings "
+        "is inoperative.",
+        "All transport category airplanes have non-normal checklists to aid the pilots in responding to airplane failures.",
+    ],
+}
+
+
+@pytest.mark.parametrize("relpath, page", sorted(COLUMN_PASSAGES))
+def test_sentences_are_not_spliced_across_columns(relpath, page):
+    from memchat.ocr import words
+
+    text = " ".join(words(extracted(relpath).pages[page - 1].text))
+    missing = [p for p in COLUMN_PASSAGES[relpath, page] if " ".join(words(p)) not in text]
+    assert not missing
