@@ -24,6 +24,13 @@ before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
                        recorded; then the same calls replayed bare. Extraction wall
                        time / bare generation time for the same prompts (target <=
                        1.3x): what parsing, filtering, embedding and file writing cost.
+  4. shared prefix     a chunk's answer stage, --pairs questions per chunk on
+                       --prefix-chunks chunks, three ways: today's prompts (each
+                       question with its own best sentences of the chunk), the whole
+                       chunk as every question's text, and the same with
+                       ``generate(share_prefix=True)`` (the chunk prefilled once per
+                       chunk, not once per question). Seconds per chunk, prompt
+                       tokens, prefill tokens saved, identical outputs.
   3. external engine   (with --llm-server URL) the same extraction through an
                        OpenAI-compatible server via ``LLMServerClient`` (concurrent
                        requests; the server batches them), against part 2's in-process
@@ -162,6 +169,42 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
     }
 
 
+def part_shared_prefix(gen, chunks: list[dict], embedder, args) -> dict:
+    """Part 4: one chunk's answer prompts prefilled once (share_prefix) vs today's prompts."""
+    import re
+
+    from memchat import qa
+    from memchat.chunking import split_sentences
+
+    today, whole = [], []
+    for c in chunks:
+        words = sorted({w for w in re.findall(r"[A-Za-z]{6,}", c["text"])}, key=lambda w: (-len(w), w))[: args.pairs]
+        questions = [f"What does the text say about {w}?" for w in words]
+        sentences = [s for s in split_sentences(c["text"]) if s.strip()]
+        svec = embedder.encode(sentences)
+        for q in questions:
+            qv = embedder.encode([q])[0]
+            best = sorted(sorted(range(len(sentences)), key=lambda i: -float(svec[i] @ qv))[:3])
+            today.append(qa.answer_prompt(q, " ".join(sentences[i] for i in best)))
+            whole.append(qa.answer_prompt(q, c["text"]))
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.1, batch_size=args.batch_size,
+              stop=qa.ANSWER_STOP)
+    out = {"chunks": len(chunks), "pairs": args.pairs, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    texts = {}
+    for name, prompts, share in (("today", today, False), ("chunk", whole, False), ("shared", whole, True)):
+        gen.stats.reset()
+        t = time.perf_counter()
+        results = gen.generate(prompts, share_prefix=share, **kw)
+        secs = time.perf_counter() - t
+        texts[name] = [r.text for r in results]
+        out[name] = {"prompts": len(prompts), "seconds": round(secs, 2), "s_per_chunk": round(secs / len(chunks), 2),
+                     "prompt_tokens_mean": round(gen.stats.prompt_tokens / len(prompts)),
+                     "shared_prefix_tokens": gen.stats.shared_prefix_tokens, "new_tokens": gen.stats.new_tokens}
+        say(f"  {name}: {secs:.1f} s, {gen.stats.new_tokens} tokens, prefill saved {gen.stats.shared_prefix_tokens} tokens")
+    out["identical"] = sum(a == b for a, b in zip(texts["chunk"], texts["shared"]))
+    return out
+
+
 def part_engine(kb, embedder, chunks: int, args, tmp: Path) -> dict:
     """Part 2's extraction with an ``LLMServerClient`` as the generator (``self``: a main.py serve started here)."""
     import socket
@@ -236,6 +279,9 @@ def main(argv=None) -> int:
     g.add_argument("--chunks", type=int, default=6, help="chunks extracted (default 6)")
     g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
+    g = p.add_argument_group("part 4: shared prefix")
+    g.add_argument("--prefix-chunks", type=int, default=4, help="chunks in part 4 (default 4)")
+    g.add_argument("--skip-prefix", action="store_true", help="skip part 4")
     g = p.add_argument_group("part 3: extraction on an external engine")
     g.add_argument("--llm-server", default=None, metavar="URL",
                    help="also extract through this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1 of vllm serve); "
@@ -280,6 +326,10 @@ def main(argv=None) -> int:
                 r = part_batched_vs_loop(gen, prompts, args.batch_size, args.max_new_tokens)
                 r["prompt_tokens_mean"] = round(sum(len(gen._encode(gen.format_prompt(p))) for p in prompts) / len(prompts))
                 results["batched_vs_loop"][name] = r
+        if not args.skip_prefix:
+            n = min(args.prefix_chunks, len(chunks))
+            say(f"part 4: the answer stage of {n} chunks, {args.pairs} questions each, with and without a shared prefix ...")
+            results["shared_prefix"] = part_shared_prefix(gen, chunks[:n], embedder, args)
         if not args.skip_extraction:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
@@ -316,6 +366,16 @@ def main(argv=None) -> int:
               f"{r['questions_kept'] / r['chunks']:.2f}")
         print(f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
               f"answers {r['answers']}, dropped {r['dropped']}")
+    if "shared_prefix" in results:
+        r = results["shared_prefix"]
+        rows = [[name, v["prompts"], v["prompt_tokens_mean"], v["shared_prefix_tokens"], v["seconds"], v["s_per_chunk"],
+                 f"{r['today']['seconds'] / v['seconds']:.2f}x"] for name, v in
+                (("today: own best sentences per question", r["today"]), ("whole chunk per question", r["chunk"]),
+                 ("whole chunk, share_prefix=True", r["shared"]))]
+        print(table(["prompts", "n", "prompt tok", "prefill saved", "seconds", "s/chunk", "vs today"], rows,
+                    title=f"\n4. answer stage of {r['chunks']} chunks x {r['pairs']} questions, greedy, "
+                          f"max_new_tokens {r['max_new_tokens']}, batch {r['batch_size']}"))
+        print(f"identical outputs, whole chunk with vs without share_prefix: {r['identical']}/{r['shared']['prompts']}")
     if "engine" in results:
         r, local = results["engine"], results["extraction"]
         rows = [["in-process generate (part 2)", local["chunks"], local["extraction_wall_s"],

@@ -68,13 +68,14 @@ class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0  # wall time inside generation (prefill + decode)
+    shared_prefix_tokens: int = 0  # prompt tokens not prefilled again: served from a shared prefix (share_prefix=True)
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def reset(self) -> None:
-        self.calls = self.prompts = self.prompt_tokens = self.new_tokens = 0
+        self.calls = self.prompts = self.prompt_tokens = self.new_tokens = self.shared_prefix_tokens = 0
         self.seconds = 0.0
 
     def __str__(self) -> str:
@@ -201,17 +202,27 @@ class Generator:
         batch_size: int = 16,
         stop: Sequence[str] | None = None,
         progress: bool = False,
+        share_prefix: bool = False,
     ) -> list[GenerationResult]:
         """Answer every conversation in ``batch``; results in input order.
 
         temperature 0 (default) is greedy decoding; do_sample overrides that choice.
         ``stop`` strings end an answer early and are not part of its text.
+
+        ``share_prefix``: prompts whose formatted tokens begin alike (at least
+        SHARED_PREFIX_MIN_TOKENS, e.g. one chunk's text followed by different questions)
+        are put in the same batch, and each distinct prefix is prefilled ONCE: its KV cache
+        is copied to every row that starts with it, and only the rows' own tails are
+        prefilled. The answers are the same as without it (greedy; up to float noise); the
+        prefill saved is counted in ``stats.shared_prefix_tokens``.
         """
         if not batch:
             return []
         stop = [s for s in (stop or []) if s]
         encoded = [self._fit(self._encode(self.format_prompt(m)), max_new_tokens) for m in batch]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: OOM shows early
+        if share_prefix:
+            order = sorted(range(len(encoded)), key=lambda i: encoded[i])  # rows with a common prefix become neighbours
         kwargs = self._generation_kwargs(max_new_tokens, temperature, top_p, repetition_penalty, do_sample)
         results: list[GenerationResult | None] = [None] * len(encoded)
         bar = None
@@ -223,7 +234,8 @@ class Generator:
             batch_size = max(1, batch_size)
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                for index, result in zip(chunk, self._generate_chunk([encoded[i] for i in chunk], kwargs, stop)):
+                run = self._generate_shared if share_prefix else self._generate_chunk
+                for index, result in zip(chunk, run([encoded[i] for i in chunk], kwargs, stop)):
                     results[index] = result
                 if bar is not None:
                     bar.update(len(chunk))
@@ -267,6 +279,74 @@ class Generator:
         self.stats.calls += 1
         self.stats.prompts += len(prompts)
         self.stats.prompt_tokens += sum(len(ids) for ids in prompts)
+        self.stats.new_tokens += sum(r.new_tokens for r in results)
+        self.stats.seconds += seconds
+        return results
+
+    def _generate_shared(self, prompts: list[list[int]], kwargs: dict, stop: list[str]) -> list[GenerationResult]:
+        """``_generate_chunk`` with each distinct shared prefix prefilled once (see ``generate``).
+
+        Layout, for G prefix groups and B rows:
+          prefixes (G, P)      each group's prefix, left-padded to the longest (P); one forward
+                               fills a cache of G rows, then rows are copied to B (index_select);
+          input_ids (B, P + W) the row's group prefix (as cached), then the row's own tail,
+                               left-padded to W. Padding is masked; positions come from the mask,
+                               so every row sees the same positions as in a plain pass.
+        """
+        groups = _prefix_groups(prompts, SHARED_PREFIX_MIN_TOKENS)
+        if all(len(rows) == 1 for rows, _ in groups) or any(p < 1 for _, p in groups):
+            return self._generate_chunk(prompts, kwargs, stop)  # nothing shared (or a 1-token prompt): the plain path
+        width_p = max(p for _, p in groups)
+        prefixes = torch.full((len(groups), width_p), self.pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(groups), width_p), dtype=torch.long)
+        row_group = [0] * len(prompts)
+        for g, (rows, p) in enumerate(groups):
+            if p:
+                prefixes[g, width_p - p :] = torch.tensor(prompts[rows[0]][:p], dtype=torch.long)
+                prefix_mask[g, width_p - p :] = 1
+            for r in rows:
+                row_group[r] = g
+        tails = [prompts[r][groups[row_group[r]][1] :] for r in range(len(prompts))]
+        width_t = max(len(t) for t in tails)
+        width = width_p + width_t
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, tail in enumerate(tails):
+            input_ids[r, :width_p] = prefixes[row_group[r]]
+            attention_mask[r, :width_p] = prefix_mask[row_group[r]]
+            input_ids[r, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            attention_mask[r, width - len(tail) :] = 1
+        from transformers import DynamicCache
+
+        criteria = _StopStrings(self.tokenizer, stop, prompt_width=width)
+        cache_kw = _cache_keyword(self.model)
+        start = time.perf_counter()
+        try:
+            with _eval_mode(self.model), torch.inference_mode():
+                cache = DynamicCache()
+                self.model(input_ids=prefixes.to(self.device), attention_mask=prefix_mask.to(self.device),
+                           position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                           use_cache=True, **{cache_kw: cache})
+                cache.reorder_cache(torch.tensor(row_group, device=self.device))  # (G, ...) -> (B, ...)
+                output = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    stopping_criteria=StoppingCriteriaList([criteria]),
+                    **{cache_kw: cache},
+                    **kwargs,
+                )
+        except torch.OutOfMemoryError:
+            log.warning("Out of memory with shared prefixes at batch %d; retrying without", len(prompts))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self._generate_chunk(prompts, kwargs, stop)
+        seconds = time.perf_counter() - start
+        results = [self._finish(output[r, width:].tolist(), len(ids), stop, criteria.finished_at.get(r))
+                   for r, ids in enumerate(prompts)]
+        self.stats.calls += 1
+        self.stats.prompts += len(prompts)
+        self.stats.prompt_tokens += sum(len(ids) for ids in prompts)
+        self.stats.shared_prefix_tokens += sum((len(rows) - 1) * p for rows, p in groups)
         self.stats.new_tokens += sum(r.new_tokens for r in results)
         self.stats.seconds += seconds
         return results
@@ -438,6 +518,43 @@ class Generator:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+SHARED_PREFIX_MIN_TOKENS = 32  # shorter common prefixes (a chat template's header) save too little to regroup for
+
+
+def _prefix_groups(prompts: list[list[int]], min_tokens: int) -> list[tuple[list[int], int]]:
+    """Rows (indices) grouped with their neighbours while they share >= min_tokens leading tokens.
+
+    Returns [(rows, prefix length)]; each prefix leaves every row of its group at least one
+    token of its own (the model must read one to predict the next), and a lone row's prefix
+    is all its tokens but the last. Expects ``prompts``
+    sorted so that rows with a common prefix are adjacent (lexicographic order).
+    """
+    groups: list[tuple[list[int], int]] = []
+    rows, shared = [0], len(prompts[0])
+    for i in range(1, len(prompts)):
+        common = 0
+        for a, b in zip(prompts[rows[0]], prompts[i]):
+            if a != b or common >= shared:
+                break
+            common += 1
+        if common >= min_tokens:
+            rows.append(i)
+            shared = common
+        else:
+            groups.append((rows, shared))
+            rows, shared = [i], len(prompts[i])
+    groups.append((rows, shared))
+    # A lone row's "prefix" is all but its last token: prefilled once as it would be anyway.
+    return [(rows, min(p, min(len(prompts[r]) for r in rows) - 1)) for rows, p in groups]
+
+
+def _cache_keyword(model) -> str:
+    """``cache`` in transformers releases that renamed ``past_key_values``, else the old name."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _eval_mode:
     """eval() for the duration (no dropout), then the caller's mode back (a model mid-training)."""
 

@@ -229,3 +229,25 @@ def test_bundled_smollm2_knows_paris(monkeypatch):
     answer = gen.generate([messages], max_new_tokens=32)[0]
     assert "Paris" in answer.text
     assert "".join(gen.stream(messages, max_new_tokens=32)) == answer.text
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen_dir", "tiny_gpt2_dir"])
+def test_shared_prefix_gives_the_same_answers(model, request):
+    """share_prefix=True: each chunk's text is prefilled once for all its questions; same greedy answers."""
+    gen = Generator(str(request.getfixturevalue(model)))
+    chunks = [" ".join(QUESTIONS[:4]) * 2, " ".join(QUESTIONS[3:]) * 2]
+    asks = ["Where?", "What did the company do?", "Why is the sky blue?"]
+    batch = [conversation(f"Text: {c}\n\nQuestion: {q}", system="Answer from the text.") for c in chunks for q in asks]
+    batch.append(conversation("hello"))  # shares nothing past the template: a group of its own
+    plain = gen.generate(batch, max_new_tokens=10, batch_size=16)
+    gen.stats.reset()
+    shared = gen.generate(batch, max_new_tokens=10, batch_size=16, share_prefix=True)
+    assert [r.text for r in shared] == [r.text for r in plain]
+    assert [(r.prompt_tokens, r.new_tokens, r.finish_reason) for r in shared] == \
+        [(r.prompt_tokens, r.new_tokens, r.finish_reason) for r in plain]
+    assert gen.stats.calls == 1 and gen.stats.shared_prefix_tokens > 2 * 2 * 40  # (3 - 1) rows x 2 chunks x ~chunk
+    stop = [plain[0].text[3:5]] if len(plain[0].text) > 5 else ["\n"]
+    assert [r.text for r in gen.generate(batch[:3], max_new_tokens=10, stop=stop, share_prefix=True)] == \
+        [r.text for r in gen.generate(batch[:3], max_new_tokens=10, stop=stop)]
+    assert [r.text for r in gen.generate(batch, max_new_tokens=6, batch_size=2, share_prefix=True)] == \
+        [r.text for r in gen.generate(batch, max_new_tokens=6, batch_size=2)]
