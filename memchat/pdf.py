@@ -563,8 +563,8 @@ def _drop_running_lines(texts: list[str]) -> list[str]:
     # repeats on pages too, but inside them. Folios and marks ("#", "# #", "~") need not.
     running = {key for key, n in counts.items()
                if n >= need and (edges.get(key, 0) >= need / 2 or all(w in "#~" for w in key.split()))}
-    if not running:
-        return texts
+    if not running or all(not key or key in running for keys in keyed for key in keys):
+        return texts  # nothing repeats, or everything does (the same page over and over: no heads to tell apart)
     edge_bound = {key for key in running if edges.get(key, 0) >= need}  # at an edge on 40% of pages
 
     out = []
