@@ -53,6 +53,7 @@ ANSWERED, UNSUPPORTED, NO_ANSWER, NO_DOCUMENTS = "answered", "unsupported", "no_
 IDK_TEXT = "I don't know: the documents don't seem to answer this."
 UNSUPPORTED_TEXT = "The documents don't answer this clearly."
 _NO_CONTEXT = "The knowledge base has no documents yet. Add PDFs first."
+SENTENCE_CACHE_CHUNKS = 4096  # chunks whose sentence vectors are kept (~4096 x 8 x 384 floats = 50 MB at most)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class RAGPipeline:
         self.reader_cfg = reader or ReaderConfig()
         self._generator = generator
         self._reader = None
+        self._sentence_cache: dict[int, tuple[str, list[str], np.ndarray]] = {}  # chunk id -> (text, sentences, vecs)
         self.mode = mode or self.cfg.mode
         if self.mode not in ANSWER_MODES:
             raise ValueError(f"mode must be one of {ANSWER_MODES}, not {self.mode!r}")
@@ -207,26 +209,39 @@ class RAGPipeline:
 
     def select_evidence(self, question: str, hits: list[Hit]) -> list[Evidence]:
         """Sentences of the retrieved chunks, best first: embedding similarity, idf-weighted overlap, chunk score."""
-        from .chunking import split_sentences
-
         cands: list[Evidence] = []
+        vecs: list[np.ndarray] = []
         seen: set[str] = set()
         for h in hits:
-            for pos, s in enumerate(split_sentences(h.text)):
-                s = " ".join(s.split())
+            sentences, sentence_vecs = self._sentences(h)
+            for pos, (s, v) in enumerate(zip(sentences, sentence_vecs)):
                 if len(s) < 12 or s in seen:
                     continue
                 seen.add(s)
                 cands.append(Evidence(s, 0.0, h, pos))
+                vecs.append(v)
         if not cands:
             return []
-        vecs = self.kb.embedder().encode([question] + [e.sentence for e in cands])  # (1 + n, dim), normalised
-        cos = vecs[1:] @ vecs[0]
+        qv = np.asarray(self.kb.embedder().encode_query(question)).reshape(-1)
+        cos = np.vstack(vecs) @ qv
         for e, c in zip(cands, cos):
             # sentence similarity dominates; rare shared words and the chunk's rank break ties
             e.score = float(c) + 0.3 * e.hit.score + 0.5 * coverage(question, e.sentence, self.kb.idf)
         order = np.argsort([-e.score for e in cands], kind="stable")
         return [cands[i] for i in order]
+
+    def _sentences(self, hit: Hit) -> tuple[list[str], np.ndarray]:
+        """A chunk's sentences and their vectors, embedded once per chunk (chunk ids are never reused)."""
+        from .chunking import split_sentences
+
+        cached = self._sentence_cache.get(hit.chunk_id)
+        if cached is None or cached[0] != hit.text:
+            sentences = [" ".join(s.split()) for s in split_sentences(hit.text)]
+            vecs = self.kb.embedder().encode(sentences) if sentences else np.zeros((0, 1), dtype=np.float32)
+            if len(self._sentence_cache) >= SENTENCE_CACHE_CHUNKS:
+                self._sentence_cache.pop(next(iter(self._sentence_cache)))  # oldest first
+            cached = self._sentence_cache[hit.chunk_id] = (hit.text, sentences, vecs)
+        return cached[1], cached[2]
 
     def passage(self, ev: Evidence) -> str:
         """The evidence sentence with its neighbours in its chunk (the window a reader checks)."""
