@@ -257,6 +257,7 @@ class LLMServerClient:
         batch_size: int = 16,  # noqa: ARG002 - the server batches; kept for the Generator's signature
         stop: Sequence[str] | None = None,
         progress: bool = False,
+        share_prefix: bool = False,  # noqa: ARG002 - servers share prefixes themselves (vLLM: --enable-prefix-caching)
     ) -> list[GenerationResult]:
         """Every conversation as its own request, ``concurrency`` in flight; results in input order."""
         if not batch:

@@ -148,6 +148,10 @@ class SharedEngine:
         self.inner = inner
         self.gap_s = gap_s
         self._last_arrival = 0.0
+        # In-process Generators prefill a prefix shared by rows of a batch once (same answers).
+        from .generation import Generator
+
+        self.share_prefix = isinstance(inner, Generator)
         self.pending = pending or (lambda: self.max_batch)  # unknown: always worth the window
         self.max_batch = max(1, max_batch)
         self.window_s = window_s
@@ -201,6 +205,8 @@ class SharedEngine:
             try:
                 with self.lock:
                     kwargs = dict(take[0].kwargs, batch_size=len(take))
+                    if self.share_prefix:  # requests that begin alike (one chunk's questions) prefill it once
+                        kwargs["share_prefix"] = True
                     results = self.inner.generate([p.messages for p in take], **kwargs)
                 self.batches.append(len(take))
                 for p, r in zip(take, results):
