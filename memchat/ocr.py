@@ -37,6 +37,7 @@ ENGINE_NAME = "RapidOCR (PP-OCRv4, ONNX Runtime)"
 
 _BLANK_DARK_SHARE = 2e-4  # a page with fewer dark pixels than this share is blank (speckles of a scan)
 _PAD = 32  # px of white added around a rendered page before OCR
+_MAX_RENDER_SIDE = 4000  # px: a render's longest side (letter at 200 dpi is 2200)
 _MIN_SCORE = 0.5  # recogniser confidence below which a box is noise (RapidOCR's own default)
 
 
@@ -142,7 +143,10 @@ class OcrReader:
         """Page ``index`` (0-based) as a BGR uint8 array (H, W, 3) at ``dpi``."""
         page = self._doc[index]
         try:
-            bitmap = page.render(scale=self.dpi / 72, may_draw_forms=True)
+            # A huge page (a poster, or a crafted MediaBox of 200 inches) would be gigabytes at
+            # the full dpi; the detector shrinks images to 2000 px anyway.
+            scale = min(self.dpi / 72, _MAX_RENDER_SIDE / max(page.get_size() + (1.0,)))
+            bitmap = page.render(scale=scale, may_draw_forms=True)
             return bitmap.to_numpy()[:, :, :3].copy()  # PDFium's BGR order, which RapidOCR (OpenCV) expects
         finally:
             page.close()

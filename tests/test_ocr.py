@@ -234,3 +234,12 @@ def test_a_scan_with_a_text_layer_is_not_ocrd_again(monkeypatch):
     monkeypatch.setattr(ocr, "OcrReader", refuse)
     doc = extract_pdf_file(SCANNED / "Seige_of_Vicksburg_Sample_OCR.pdf", limits=IngestConfig(ocr=True))
     assert doc.num_pages == 6 and not any(p.ocr for p in doc.pages) and all(p.text for p in doc.pages)
+
+
+def test_a_huge_page_is_rendered_at_a_bounded_size():
+    from tests.pdfmaker import text_pdf
+
+    huge = text_pdf([["A poster"]], width=14400, height=14400)  # 200 x 200 inches: 40,000 px a side at 200 dpi
+    with ocr.OcrReader(huge, dpi=200) as reader:
+        image = reader.render(0)
+    assert max(image.shape[:2]) <= 4000
