@@ -26,7 +26,7 @@ import numpy as np
 
 from . import config
 from .config import ChunkConfig, EmbeddingConfig, IndexConfig
-from .errors import BadDocumentError, EmbeddingMismatchError, MemChatError, NoStoreError, StoreError
+from .errors import BadDocumentError, EmbeddingMismatchError, LimitError, MemChatError, NoStoreError, StoreError
 from .names import clean_name
 from .store import EncryptedStore, StoreState
 
@@ -199,7 +199,6 @@ class KnowledgeBase:
     def prepare(self, name: str, data: bytes, password: str | None = None, progress: ProgressFn | None = None) -> _Prepared:
         """Extract, chunk and embed one PDF (no lock held). Raises BadDocumentError."""
         from .chunking import chunk_pages
-        from .errors import LimitError
         from .pdf import extract_pdf
 
         t0 = time.perf_counter()
@@ -251,7 +250,16 @@ class KnowledgeBase:
                 path = Path(item)
                 name = path.name
                 try:
+                    size = path.stat().st_size
+                    if size > self.ingest_cfg.max_file_bytes:  # refused before a byte of it is read into memory
+                        raise LimitError(name, f"is {size:,} bytes, over the {self.ingest_cfg.max_file_bytes:,} bytes "
+                                               "limit per file; raise MEMCHAT_MAX_FILE_BYTES if you trust it")
                     data = path.read_bytes()
+                except LimitError as exc:
+                    results.append(AddResult(name, "error", error=exc.reason))
+                    if progress:
+                        progress(name, 1.0, "failed")
+                    continue
                 except OSError as exc:
                     results.append(AddResult(name, "error", error=f"cannot read file ({exc.strerror})"))
                     if progress:

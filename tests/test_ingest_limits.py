@@ -84,6 +84,9 @@ def test_too_many_bytes_is_refused(monkeypatch, tmp_path):
     kb = KnowledgeBase(embedder=FakeEmbedder())
     path = tmp_path / "big.pdf"
     path.write_bytes(data)
+    from pathlib import Path
+
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("an over-cap file must not be read into memory"))
     (r,) = kb.add_documents([path])
     assert r.status == "error"
     assert f"is {len(data):,} bytes, over the {len(data) - 1:,} bytes limit per file; raise MEMCHAT_MAX_FILE_BYTES" in r.message
