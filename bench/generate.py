@@ -62,14 +62,16 @@ QA_PDFS = sorted((SHARED_DATA / "qa_dev" / "pdfs").glob("*.pdf"))
 class Recorder:
     """Wraps a Generator; remembers every generate call (prompts and settings) for the bare replay."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, force: dict | None = None):
         self.inner = inner
+        self.force = force or {}  # settings added to every call (part 2 with --share-prefix)
         self.calls: list[tuple[list, dict]] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def generate(self, batch, **kwargs):
+        kwargs = {**kwargs, **self.force}
         self.calls.append((list(batch), dict(kwargs)))
         return self.inner.generate(batch, **kwargs)
 
@@ -127,11 +129,12 @@ def part_batched_vs_loop(gen, prompts, batch_size: int, max_new_tokens: int) -> 
     }
 
 
-def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int, out_dir: Path) -> dict:
+def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int, out_dir: Path,
+                    force: dict | None = None) -> dict:
     from memchat.config import ExtractConfig
     from memchat.extraction import FAISSDataExtractor
 
-    rec = Recorder(gen)
+    rec = Recorder(gen, force)
     cfg = ExtractConfig(max_pairs_per_chunk=pairs, batch_size=batch_size, max_chunks=chunks)
     ex = FAISSDataExtractor(kb, rec, embedder=embedder, extract_config=cfg, output_dir=out_dir, progress=False)
     gen.stats.reset()
@@ -279,6 +282,8 @@ def main(argv=None) -> int:
     g.add_argument("--chunks", type=int, default=6, help="chunks extracted (default 6)")
     g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
+    g.add_argument("--share-prefix", action="store_true",
+                   help="run part 2 a second time with generate(share_prefix=True) on every call (today's prompts)")
     g = p.add_argument_group("part 4: shared prefix")
     g.add_argument("--prefix-chunks", type=int, default=4, help="chunks in part 4 (default 4)")
     g.add_argument("--skip-prefix", action="store_true", help="skip part 4")
@@ -334,6 +339,10 @@ def main(argv=None) -> int:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
             results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
+            if args.share_prefix:
+                say(f"part 2 again, share_prefix=True on every generate call ...")
+                results["extraction_shared"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
+                                                               Path(tmp) / "td-shared", {"share_prefix": True})
             if args.llm_server:
                 say(f"part 3: the same extraction through {args.llm_server} ...")
                 results["engine"] = part_engine(kb, embedder, n, args, Path(tmp))
@@ -366,6 +375,13 @@ def main(argv=None) -> int:
               f"{r['questions_kept'] / r['chunks']:.2f}")
         print(f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
               f"answers {r['answers']}, dropped {r['dropped']}")
+    if "extraction_shared" in results:
+        a, b = results["extraction"], results["extraction_shared"]
+        print(table(["extraction", "s/chunk", "questions kept/chunk", "records"],
+                    [["today", round(a["extraction_wall_s"] / a["chunks"], 2), round(a["questions_kept"] / a["chunks"], 2), a["records"]],
+                     ["share_prefix on every call", round(b["extraction_wall_s"] / b["chunks"], 2),
+                      round(b["questions_kept"] / b["chunks"], 2), b["records"]]],
+                    title="\n2b. the same extraction with share_prefix=True (today's prompts, nothing else changed)"))
     if "shared_prefix" in results:
         r = results["shared_prefix"]
         rows = [[name, v["prompts"], v["prompt_tokens_mean"], v["shared_prefix_tokens"], v["seconds"], v["s_per_chunk"],
