@@ -11,7 +11,7 @@ import pytest
 
 from memchat.chunking import Chunk, _spans, chunk_pages, split_sentences
 from memchat.pdf import Page
-from tests.test_pdf import PDFS, extracted, japanese_sample
+from tests.test_pdf import extracted, japanese_sample
 
 
 
