@@ -20,9 +20,9 @@ def isolated_home(tmp_path, monkeypatch):
     """Point every Mem_Chat path at a fresh tmp folder and run from there."""
     home = tmp_path / "home"
     home.mkdir()
+    # Nothing of the user's own settings leaks in: keys, servers, answer mode, caps, passwords, models.
+    for name in [n for n in os.environ if n.startswith("MEMCHAT_") and n != "MEMCHAT_CACHE_DIR"]:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MEMCHAT_HOME", str(home))
-    monkeypatch.delenv("MEMCHAT_STORAGE_DIR", raising=False)
-    monkeypatch.delenv("MEMCHAT_KEY", raising=False)
-    monkeypatch.delenv("MEMCHAT_PASSPHRASE", raising=False)
     monkeypatch.chdir(home)
     return home
