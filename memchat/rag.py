@@ -308,6 +308,8 @@ class RAGPipeline:
         a.text, a.confidence = reading.answer, reading.confidence
         a.source = ev[reading.sentence_index]
         a.passage = self.passage(a.source)
+        if reading.confidence < self.cfg.min_confidence:
+            a.generated, a.text, a.status = reading.answer, UNSUPPORTED_TEXT, UNSUPPORTED
         a.model = "extractive reader"
         return a
 

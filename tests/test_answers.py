@@ -222,3 +222,13 @@ def test_hybrid_draft_votes_among_the_documents_spans(tmp_path):
         assert any(voted.text in h.text for h in voted.hits)
     invented = HybridPipeline(rag, FixedChat("Robert Boyle's phlogiston"), strategy="verify").answer(q)
     assert "Boyle" not in invented.text and any(invented.text in h.text for h in invented.hits)
+
+
+def test_low_confidence_spans_are_not_shown_as_fact(tmp_path):
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    q = "Who discovered oxygen?"
+    sure = RAGPipeline(kb, rag=RAGConfig(mode="extractive")).answer(q)
+    assert sure.status == ANSWERED and 0 < sure.confidence <= 1
+    unsure = RAGPipeline(kb, rag=RAGConfig(mode="extractive", min_confidence=1.01)).answer(q)
+    assert unsure.status == UNSUPPORTED and unsure.abstained and unsure.generated == sure.text
+    assert unsure.text != sure.text and unsure.passage
