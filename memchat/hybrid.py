@@ -11,7 +11,8 @@ for what it is good at:
           draft can add chunks but never push out the ones the question found. Then the
           RAG answer is made in the RAG's mode (``rag.RAGPipeline.resolved_mode``):
           - extractive: the draft *votes* among the evidence's candidate spans (a bonus
-            of DRAFT_VOTE x the span's token F1 with the draft). The answer is still a
+            of DRAFT_VOTE x the model's measured knowledge F1 x the span's token F1 with
+            the draft: a model that knows more gets more say). The answer is still a
             span of the documents: a draft that remembers the fact picks it, one that
             misremembers cannot put its words in the documents' mouth;
           - generative: the grounded answer is generated; the draft replaces it only
@@ -46,10 +47,20 @@ ROUTE_THRESHOLD = 0.35  # cosine of MiniLM: below it, the best chunk is rarely a
 VERIFY_MARGIN = 0.25  # the draft must beat the grounded answer's support by this much
 VERIFY_MIN_SUPPORT = 0.6  # ...and have at least this share of its words in the evidence
 VERIFY_EVIDENCE = 4  # evidence sentences a draft's words are checked against
-# Extractive RAG: a span's bonus per unit of token F1 with the fine-tuned draft. The reader's own
-# weights put a right answer kind at ~2.8 and proximity to the question (its strongest feature) at ~8:
-# a draft that names a span counts as much as the strongest evidence.
+# Extractive RAG: a span's bonus per unit of token F1 with the fine-tuned draft, for a model that knows the
+# documents perfectly. The reader's own weights put a right answer kind at ~2.8 and proximity to the question
+# (its strongest feature) at ~8. The vote is scaled by the model's own measured knowledge (draft_trust).
 DRAFT_VOTE = 8.0
+UNMEASURED_TRUST = 0.25  # a model without a knowledge measurement (made elsewhere) gets a modest say
+
+
+def draft_trust(chat) -> float:
+    """How far to trust the fine-tuned model's drafts, 0..1: its best knowledge F1 on the held-out question
+    families (``memchat_model_meta.json`` results; memchat.probe), else UNMEASURED_TRUST."""
+    results = (getattr(chat, "meta", None) or {}).get("results") or {}
+    scores = [p.get("knowledge_f1") for p in results.get("curve") or [] if isinstance(p, dict)]
+    scores = [float(x) for x in scores if isinstance(x, (int, float))]
+    return max(0.0, min(1.0, max(scores) / 100.0)) if scores else UNMEASURED_TRUST
 
 
 @dataclass
@@ -160,7 +171,8 @@ class HybridPipeline:
                                  strategy=self.strategy)
                 if h.status == ANSWERED:
                     if mode == "extractive":
-                        self.rag.extract(h, hint=d if self.strategy == "verify" else "", hint_weight=DRAFT_VOTE)
+                        self.rag.extract(h, hint=d if self.strategy == "verify" else "",
+                                         hint_weight=DRAFT_VOTE * draft_trust(self.chat))
                         if self.strategy == "verify" and d.strip() and token_f1(h.text, [d]) > 0:
                             h.route = "draft+grounded"  # the draft agreed with (or chose) the span
                     else:

@@ -203,8 +203,10 @@ class FixedChat:
 
     display_name = "fixed chat"
 
-    def __init__(self, draft: str):
+    def __init__(self, draft: str, knowledge_f1: float | None = 100.0):
         self.draft = draft
+        curve = [] if knowledge_f1 is None else [{"epoch": 1, "knowledge_f1": knowledge_f1}]
+        self.meta = {"results": {"curve": curve}}
 
     def answer_many(self, questions, max_new_tokens=48, batch_size=16):
         return [self.draft for _ in questions]
@@ -232,3 +234,12 @@ def test_low_confidence_spans_are_not_shown_as_fact(tmp_path):
     unsure = RAGPipeline(kb, rag=RAGConfig(mode="extractive", min_confidence=1.01)).answer(q)
     assert unsure.status == UNSUPPORTED and unsure.abstained and unsure.generated == sure.text
     assert unsure.text != sure.text and unsure.passage
+
+
+def test_the_drafts_vote_is_scaled_by_the_models_measured_knowledge():
+    from memchat.hybrid import UNMEASURED_TRUST, draft_trust
+
+    assert draft_trust(FixedChat("x", 100.0)) == 1.0
+    assert draft_trust(FixedChat("x", 27.5)) == pytest.approx(0.275)
+    assert draft_trust(FixedChat("x", None)) == UNMEASURED_TRUST
+    assert draft_trust(object()) == UNMEASURED_TRUST
