@@ -265,12 +265,12 @@ def cmd_ask(args) -> int:
     cfg = RAGConfig(top_k=args.top_k)
     if args.mode:
         cfg.mode = args.mode
-    # In-process models load only if the answer mode needs one (extractive answers need none).
+    # The model loads once, before the answer: it writes generative answers and scores the extractive reader's spans.
     engine = make_engine(args.model, args.llm_server, llm_model=args.llm_model) if server_url(args.llm_server) else None
     rag = RAGPipeline(kb, engine, rag=cfg,
                       generation=GenerationConfig(model_name=args.model, max_new_tokens=args.max_new_tokens))
     mode = rag.resolved_mode()
-    if mode == "generative":
+    if mode == "generative" or rag.reader_cfg.lm_rerank:
         rag.generator  # load now: its fallback notice (if any) is logged before the answer starts
     pieces, answer = rag.stream(args.question)
     for piece in pieces:

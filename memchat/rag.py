@@ -4,8 +4,9 @@ Three answer modes (``config.RAGConfig.mode``, ``MEMCHAT_ANSWER_MODE``, ``main.p
 
   extractive  The answer is a span copied from the best evidence sentences
               (``reader.ExtractiveReader``), so it can never state what the documents
-              do not say; it cites the page of the sentence it came from. No language
-              model is needed (fast; the default for small models).
+              do not say; it cites the page of the sentence it came from. The model only
+              scores the best few candidate spans (it writes nothing); the default for
+              small models.
   generative  An instruct model writes the answer from the evidence sentences; the
               answer is then *verified*: the words it adds beyond the question must be
               found in the evidence (``verify``), else it is not shown as fact ("the
@@ -198,7 +199,8 @@ class RAGPipeline:
         if self._reader is None:
             from .reader import ExtractiveReader, SpanScorer
 
-            scorer = SpanScorer(self.generator) if self.reader_cfg.lm_rerank else None
+            # An in-process model scores spans; an external engine (no local weights) leaves the reader LM-free.
+            scorer = SpanScorer(self.generator) if self.reader_cfg.lm_rerank and model_parameters(self.generator) else None
             self._reader = ExtractiveReader(self.kb.embedder(), self.reader_cfg.weights, idf=self.kb.idf,
                                             scorer=scorer, lm_rerank=self.reader_cfg.lm_rerank)
         return self._reader

@@ -22,6 +22,15 @@ GEARS = [["The gearbox model ZX-9 needs the lubricant Castrol-44 every 3 months.
           "Bearings wear out when the machine runs hot."]]
 
 
+@pytest.fixture(autouse=True)
+def reader_without_lm(monkeypatch):
+    """These tests pin the reader's own features; the LM rerank has its own test (with a tiny model)."""
+    import memchat.rag
+    from memchat.config import ReaderConfig
+
+    monkeypatch.setattr(memchat.rag, "ReaderConfig", lambda: ReaderConfig(lm_rerank=0))
+
+
 def kb_with(tmp_path, **docs) -> KnowledgeBase:
     kb = KnowledgeBase(tmp_path / "store", embedder=FakeEmbedder())
     results = kb.add_documents([(f"{name}.pdf", text_pdf(pages)) for name, pages in docs.items()])
@@ -243,3 +252,24 @@ def test_the_drafts_vote_is_scaled_by_the_models_measured_knowledge():
     assert draft_trust(FixedChat("x", 27.5)) == pytest.approx(0.275)
     assert draft_trust(FixedChat("x", None)) == UNMEASURED_TRUST
     assert draft_trust(object()) == UNMEASURED_TRUST
+
+
+def test_lm_rerank_scores_the_best_candidates_with_the_model(tmp_path, tiny_qwen_dir):
+    from memchat.config import ReaderConfig
+    from memchat.generation import Generator
+    from memchat.reader import FEATURES
+
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    gen = Generator(str(tiny_qwen_dir))
+    rag = RAGPipeline(kb, gen, rag=RAGConfig(mode="extractive"), reader=ReaderConfig(lm_rerank=3))
+    assert rag.reader.scorer is not None
+    ev = rag.select_evidence("Who discovered oxygen?", rag.retrieve("Who discovered oxygen?"))[:3]
+    reading = rag.reader.read("Who discovered oxygen?", [e.sentence for e in ev], [e.score for e in ev])
+    assert reading.answer and any(reading.answer in e.sentence for e in ev)
+    # the scorer gives real log-probabilities: negative, and different for different spans
+    lps = rag.reader.scorer.score([{"role": "user", "content": "q"}], ["Joseph Priestley", "Birmingham"])
+    assert all(lp < 0 and n >= 2 for lp, n in lps) and lps[0][0] != lps[1][0]
+    assert "lm" in FEATURES
+    # an external engine has no local weights: the reader stays LM-free
+    assert RAGPipeline(kb, PlantedGenerator("x"), rag=RAGConfig(mode="extractive"),
+                       reader=ReaderConfig(lm_rerank=3)).reader.scorer is None
