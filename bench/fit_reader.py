@@ -31,29 +31,19 @@ DATA = REPO.parent / "shared" / "data"
 SETS = {"qa_dev": DATA / "qa_dev", "squad2": DATA / "qa_dev_squad2", "covid": DATA / "qa_dev_covid"}
 
 
-def collect(name: str, folder: Path, rag, reader, lm_rerank: int, limit: int) -> list[dict]:
+def collect(name: str, folder: Path, rag, reader, limit: int) -> list[dict]:
     from memchat.evaluate import contains_gold, token_f1
-    from memchat.reader import FEATURES, reader_messages
 
     qs = [json.loads(line) for line in (folder / "qa.jsonl").read_text().splitlines() if line.strip()]
     if limit:
         qs = qs[:limit]
     rows = []
-    lm_col = FEATURES.index("lm")
     t0 = time.perf_counter()
     for q in qs:
         hits = rag.retrieve(q["question"])
         ev = rag.select_evidence(q["question"], hits)[: rag.cfg.reader_sentences]
         sents = [e.sentence for e in ev]
-        cands, X = reader.features(q["question"], sents, [e.score for e in ev])
-        if lm_rerank and len(cands):
-            base = X @ reader.w
-            top = np.argsort(-base)[:lm_rerank]
-            lps = reader.scorer.score(reader_messages(q["question"], sents), [cands[i][1].text for i in top])
-            best = max(lp for lp, _ in lps)
-            X[:, lm_col] = -10.0
-            for i, (lp, _) in zip(top, lps):
-                X[i, lm_col] = max(-10.0, lp - best)
+        cands, X, _ = reader.scored(q["question"], sents, [e.score for e in ev])  # the LM column as when answering
         f1 = np.array([token_f1(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         cont = np.array([contains_gold(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         rows.append({"X": X, "f1": f1, "cont": cont, "set": name, "q": q["question"], "answers": q["answers"],
@@ -124,8 +114,8 @@ def main(argv=None) -> int:
         kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
         rag = RAGPipeline(kb, generator, rag=RAGConfig())
         reader = ExtractiveReader(kb.embedder(), ReaderConfig().weights, idf=kb.idf,
-                                  scorer=SpanScorer(generator) if generator else None)
-        rows += collect(name, SETS[name], rag, reader, args.lm_rerank, args.limit)
+                                  scorer=SpanScorer(generator) if generator else None, lm_rerank=args.lm_rerank)
+        rows += collect(name, SETS[name], rag, reader, args.limit)
     train = [r for r in rows if r["set"] in args.train.split(",")]
     w = fit(train, len(FEATURES))
     if not args.lm_rerank:

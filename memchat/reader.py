@@ -1,20 +1,21 @@
-"""Extractive reading: the answer is a span copied from the evidence, scored by the model.
+"""Extractive reading: the answer is a span copied from the evidence.
 
 A small instruct model asked to *write* an answer echoes the question or invents
-one; asked to *score* answers it already reads well. So the reader proposes the
-candidate spans of the best evidence sentences (``text.answer_spans``: dates,
-numbers, names, phrases) and lets the language model rank them by how likely it
-finds each as the complete answer after the question and the evidence:
+one. So the reader proposes the candidate spans of the best evidence sentences
+(``text.answer_spans``: dates, numbers, names, phrases, clauses for how/why
+questions) and ranks them by a linear score over ``FEATURES``, each with a reason
+(an answer rarely repeats the question's words; the question word asks for a kind;
+the answer sits beside the question's words; SQuAD questions are the sentence with
+the answer replaced by a wh-word). The weights are fitted by bench/fit_reader.py
+and live in ``config.ReaderConfig``.
+
+With a ``SpanScorer`` the best few candidates are also scored by the language model,
+as the complete answer after the question and the evidence:
 
     log p(span, <end> | system, evidence, question)     (summed over tokens)
 
 The prompt is encoded once and its key/value cache shared by every candidate, so
-scoring ~50 spans costs one prompt pass plus one batched pass over the spans'
-few tokens. The model's score is combined with two priors that have a reason
-behind them, not fitted thresholds: an answer rarely repeats the question's own
-words (SQuAD's annotators copy a span *other* than the question's words), and the
-question word asks for a kind (who -> a name, when -> a date, how many -> a
-number).
+that costs one prompt pass plus one batched pass over the spans' few tokens.
 
 Deliberately left out: retrieval and evidence selection (``rag``), and deciding
 whether to answer at all (``rag``'s abstention uses ``Reading.confidence``).
@@ -227,28 +228,41 @@ class ExtractiveReader:
     def features(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float]):
         return features(question, sentences, sentence_scores, self.embedder, self.idf, self.max_words)
 
-    def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
-             hint: str = "", hint_weight: float = 0.0) -> Reading:
-        """The best span. ``hint``: another system's answer (the hybrid's fine-tuned draft); a candidate
-        gets ``hint_weight`` x its token F1 with the hint, so the draft votes among the document's spans."""
+    def scored(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
+               hint: str = "", hint_weight: float = 0.0):
+        """(candidates, feature rows with the ``lm`` column filled, per-candidate bonus from ``hint``).
+
+        The best ``lm_rerank`` candidates by the other features (and the bonus) get log p(span)
+        minus the best one's; the rest a value worse than any of them. This is the one place the
+        LM column is made, for answering (``read``) and for fitting (bench/fit_reader.py).
+        """
         import numpy as np
 
         cands, X = self.features(question, sentences, sentence_scores)
-        if not cands:
-            return Reading("")
-        scores = X @ self.w
+        bonus = np.zeros(len(cands), dtype=np.float32)
         if hint and hint_weight:
-            scores = scores + hint_weight * np.array([T.token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
+            bonus += hint_weight * np.array([T.token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
         lm_col = FEATURES.index("lm")
-        if self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
-            top = np.argsort(-scores)[: self.lm_rerank]
+        if cands and self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
+            top = np.argsort(-(X @ self.w + bonus))[: self.lm_rerank]
             lps = self.scorer.score(reader_messages(question, sentences), [cands[i][1].text for i in top])
             best = max(lp for lp, _ in lps)
             for i, (lp, _) in zip(top, lps):
                 X[i, lm_col] = lp - best
             rest = np.setdiff1d(np.arange(len(cands)), top)
             X[rest, lm_col] = min(X[top, lm_col].min() - 1.0, -10.0)  # not reranked: worse than any reranked one
-            scores = X @ self.w
+        return cands, X, bonus
+
+    def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
+             hint: str = "", hint_weight: float = 0.0) -> Reading:
+        """The best span. ``hint``: another system's answer (the hybrid's fine-tuned draft); a candidate
+        gets ``hint_weight`` x its token F1 with the hint, so the draft votes among the document's spans."""
+        import numpy as np
+
+        cands, X, bonus = self.scored(question, sentences, sentence_scores, hint=hint, hint_weight=hint_weight)
+        if not cands:
+            return Reading("")
+        scores = X @ self.w + bonus
         p = np.exp(scores - scores.max())
         p /= p.sum()
         best = int(np.argmax(scores))

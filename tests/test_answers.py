@@ -53,7 +53,7 @@ class PlantedGenerator:
 
     def stream(self, messages, **kw):
         self.calls += 1
-        yield from self.text.split(" ") and [w + " " for w in self.text.split(" ")]
+        yield from (w + " " for w in self.text.split(" "))
 
 
 # ---------------------------------------------------------------------------
