@@ -112,7 +112,22 @@ class KnowledgeProbe:
 
     def run(self, model, tokenizer, *, epoch: float | None = None, step: int | None = None) -> dict[str, float]:
         preds = self.answer(model, tokenizer)
-        metrics = self.score(preds)
+        metrics = _same_on_every_process(self.score(preds))
         self.last_predictions = preds
         self.history.append({"epoch": epoch, "step": step, **{k: round(v, 2) for k, v in metrics.items()}})
         return metrics
+
+
+def _same_on_every_process(metrics: dict[str, float]) -> dict[str, float]:
+    """Under DDP (accelerate launch / torchrun) every process must pick the same best checkpoint, or one
+    process's checkpoint rotation deletes the folder another will load: take process 0's figures."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return metrics
+    keys = sorted(metrics)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.broadcast(values, src=0)
+    return dict(zip(keys, values.tolist()))
