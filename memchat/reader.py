@@ -34,6 +34,21 @@ READER_SYSTEM = (
     "Answer the question with a short phrase copied exactly from the context. "
     "Do not write a sentence."
 )
+# Worked examples before the real question (in-context demonstrations): they show a small model that the answer
+# is the shortest exact span, of the kind the question asks for (a date, a name, a mechanism, a measure). Made up
+# for this purpose, none from the dev sets. On the dev sets' candidates they raised the LM-only pick's F1 on
+# qa_dev_covid 19.5 -> 22.4 (squad2 33.5 either way) and the fitted reader's held-out figures by about +1.
+# They are the same for every question, so their key/value cache is computed once (``SpanScorer``).
+READER_SHOTS = (
+    ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris, and it was the tallest structure "
+     "in the world until 1930.", "When was the Eiffel Tower completed?", "1889"),
+    ("Penicillin was discovered in 1928 by Alexander Fleming, a Scottish physician working at St Mary's "
+     "Hospital in London.", "Who discovered penicillin?", "Alexander Fleming"),
+    ("The patients were treated with remdesivir, an antiviral drug that blocks the viral RNA polymerase.",
+     "How does remdesivir work?", "blocks the viral RNA polymerase"),
+    ("The Danube flows through ten countries and is about 2,850 kilometres long, the second longest river "
+     "in Europe.", "How long is the Danube?", "about 2,850 kilometres"),
+)
 
 
 @dataclass
@@ -70,28 +85,61 @@ class SpanScorer:
         tok = generator.tokenizer
         self.end_id = generator.eos_ids[0]
         self._tok = tok
+        self._prefix: tuple[list[int], object, object] | None = None  # (ids, cache, logits) of the static messages
 
     def encode_continuation(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
-    def score(self, messages, continuations: Sequence[str]) -> list[tuple[float, int]]:
-        """(sum log p(tokens + end), token count) per continuation, natural log."""
+    def _prompt_cache(self, prompt_ids: list[int], static: int, cache_kw: str):
+        """(cache, last logits) after ``prompt_ids``. Its first ``static`` tokens (the messages every question
+        shares) are computed once and copied; the rest runs on top of the copy."""
+        import torch
+        from transformers import DynamicCache
+
+        model, device = self.gen.model, self.gen.device
+        if static and self._prefix is not None and self._prefix[0] == prompt_ids[:static]:
+            cache, last = copy.deepcopy(self._prefix[1]), self._prefix[2]
+        elif static:
+            cache = DynamicCache()
+            out = model(input_ids=torch.tensor([prompt_ids[:static]], device=device), use_cache=True,
+                        **{cache_kw: cache})
+            last = out.logits[0, -1]
+            self._prefix = (prompt_ids[:static], copy.deepcopy(cache), last)
+        else:
+            cache, last = DynamicCache(), None
+        if static < len(prompt_ids):
+            out = model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True,
+                        **{cache_kw: cache})
+            last = out.logits[0, -1]
+        return cache, last
+
+    def score(self, messages, continuations: Sequence[str], static_messages: int = 0) -> list[tuple[float, int]]:
+        """(sum log p(tokens + end), token count) per continuation, natural log.
+
+        ``static_messages``: how many leading messages are the same on every call (the system prompt and the
+        worked examples); their tokens are encoded once per scorer and their cache reused.
+        """
         import torch
 
-        from .generation import _eval_mode
+        from .generation import _cache_keyword, _eval_mode, format_chat
 
         gen = self.gen
         prompt_ids = gen._encode(gen.format_prompt(messages))
+        static = 0
+        if static_messages:
+            head = gen._encode(format_chat(gen.tokenizer, messages[:static_messages], add_generation_prompt=False))
+            # The chat template renders each message on its own, so the shared messages' tokens are a prefix of
+            # the whole prompt's. A template that breaks that gets everything encoded each time.
+            static = len(head) if len(head) < len(prompt_ids) and prompt_ids[: len(head)] == head else 0
         conts = [self.encode_continuation(c) + [self.end_id] for c in continuations]
         out: list[tuple[float, int]] = [(-math.inf, 0)] * len(conts)
         if not conts:
             return out
         model = gen.model
+        cache_kw = _cache_keyword(model)
         with _eval_mode(model), torch.inference_mode():
-            p = torch.tensor([prompt_ids], device=gen.device)
-            first = model(input_ids=p, use_cache=True)
-            cache = first.past_key_values
-            first_lp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # (V,)
+            cache, last_logits = self._prompt_cache(prompt_ids, static, cache_kw)
+            first_lp = torch.log_softmax(last_logits.float(), dim=-1)  # (V,)
             order = sorted(range(len(conts)), key=lambda i: len(conts[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -103,7 +151,7 @@ class SpanScorer:
                     ids[row, : len(conts[i])] = torch.tensor(conts[i])
                     mask[row, len(prompt_ids) : len(prompt_ids) + len(conts[i])] = 1
                 logits = model(input_ids=ids.to(gen.device), attention_mask=mask.to(gen.device),
-                               past_key_values=_cache_copy(cache, len(chunk)), use_cache=True).logits
+                               use_cache=True, **{cache_kw: _cache_copy(cache, len(chunk))}).logits
                 lps = torch.log_softmax(logits.float(), dim=-1)  # (B, W, V): position t predicts token t+1
                 for row, i in enumerate(chunk):
                     c = conts[i]
@@ -245,7 +293,8 @@ class ExtractiveReader:
         lm_col = FEATURES.index("lm")
         if cands and self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
             top = np.argsort(-(X @ self.w + bonus))[: self.lm_rerank]
-            lps = self.scorer.score(reader_messages(question, sentences), [cands[i][1].text for i in top])
+            messages = reader_messages(question, sentences)
+            lps = self.scorer.score(messages, [cands[i][1].text for i in top], static_messages=len(messages) - 1)
             best = max(lp for lp, _ in lps)
             for i, (lp, _) in zip(top, lps):
                 X[i, lm_col] = lp - best
@@ -271,6 +320,11 @@ class ExtractiveReader:
 
 
 def reader_messages(question: str, sentences: Sequence[str]) -> list[dict]:
+    """System prompt, the worked examples (READER_SHOTS) as earlier turns, then this question: all but the
+    last message are the same for every question."""
+    messages = [{"role": "system", "content": READER_SYSTEM}]
+    for context, q, answer in READER_SHOTS:
+        messages += [{"role": "user", "content": f"Context:\n{context}\n\nQuestion: {q}"},
+                     {"role": "assistant", "content": answer}]
     context = "\n".join(sentences)
-    return [{"role": "system", "content": READER_SYSTEM},
-            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]
+    return messages + [{"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]

@@ -122,6 +122,7 @@ _UNITS = set(
 )
 _DATE_UNITS = {"century", "centuries", "decade", "decades", "bc", "bce", "ad", "ce", "bp"}
 _ERAS = {"BC", "BCE", "AD", "CE", "BP"}
+_YEAR_BEFORE = {"in", "since", "by", "until", "till", "from", "during", "before", "after", "around", "circa", "c."}
 _YEARISH = re.compile(r"^(1[0-9]{3}|20[0-9]{2})s?$|^[0-9]{2,4}s$")
 _HAS_DIGIT = re.compile(r"\d")
 _NUMBER_WORDS = set("one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred "
@@ -282,15 +283,24 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
         if _is_numeric(t) or t.text.lower() in _MONTH:
             j = i
             while j + 1 < n and (_is_numeric(toks[j + 1]) or toks[j + 1].text.lower() in _MONTH
-                                 or toks[j + 1].text in {"–", "-", "to", "and"} and j + 2 < n and _is_numeric(toks[j + 2])):
+                                 or (toks[j + 1].text in {"–", "-", "to"}
+                                     or toks[j + 1].text == "and" and i > 0 and toks[i - 1].text.lower() == "between")
+                                 and j + 2 < n and _is_numeric(toks[j + 2])
+                                 # "January 30, 2020": the year after a month and day's comma
+                                 or toks[j + 1].text == "," and j + 2 < n and _YEARISH.match(toks[j + 2].text)
+                                 and any(x.text.lower() in _MONTH for x in toks[i : j + 1])):
                 j += 1
             s = i - 1 if i > 0 and toks[i - 1].text in {"$", "€", "£", "c.", "AD", "BC"} else i
             u = j + 1 if j + 1 < n and toks[j + 1].text.lower() in _UNITS else j
             e = u + 1 if u + 1 < n and toks[u + 1].text in _ERAS else u  # "11–13th century AD", "3000 yr BP"
             words = [x.text.lower() for x in toks[s : e + 1]]
             has_digit = any(_HAS_DIGIT.search(w) for w in words)
-            is_date = (any(w in _MONTH for w in words) or any(_YEARISH.match(w) for w in words)
-                       or any(w in _DATE_UNITS for w in words))
+            nxt = toks[j + 1].text if j + 1 < n else ""
+            counted = (nxt.islower() and not _is_stop(toks[j + 1]) and (nxt.endswith("s") or nxt in _UNITS)
+                       and not toks[j].text.endswith("s") and not (i > 0 and toks[i - 1].text.lower() in _YEAR_BEFORE))
+            is_date = (any(w in _MONTH for w in words) or any(w in _DATE_UNITS for w in words)
+                       # a bare year-like number is a count when a noun follows it ("1250 to 1750 adults")
+                       or any(_YEARISH.match(w) for w in words) and not counted)
             if has_digit or words[0] in _NUMBER_WORDS:
                 add(s, j, DATE if is_date else NUMBER)
                 for end in sorted({u, e} - {j}):

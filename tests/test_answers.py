@@ -273,3 +273,42 @@ def test_lm_rerank_scores_the_best_candidates_with_the_model(tmp_path, tiny_qwen
     # an external engine has no local weights: the reader stays LM-free
     assert RAGPipeline(kb, PlantedGenerator("x"), rag=RAGConfig(mode="extractive"),
                        reader=ReaderConfig(lm_rerank=3)).reader.scorer is None
+
+
+def test_shared_prompt_prefix_is_encoded_once_and_scores_the_same(tmp_path, tiny_qwen_dir, monkeypatch):
+    from memchat.generation import Generator
+    from memchat.reader import SpanScorer, reader_messages
+
+    scorer = SpanScorer(Generator(str(tiny_qwen_dir)))
+    spans = ["Joseph Priestley", "1773", "Birmingham"]
+    first = reader_messages("Who discovered oxygen?", OXYGEN[0])
+    second = reader_messages("Where does the Rhine flow?", OXYGEN[1])
+    plain = [scorer.score(m, spans) for m in (first, second)]
+    seen = []
+    model = scorer.gen.model
+    forward = model.forward
+    import functools
+
+    @functools.wraps(forward)  # keeps the signature, which picks the cache keyword
+    def counting(*a, **kw):
+        seen.append(kw["input_ids"].shape[1])
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", counting)
+    cached = [scorer.score(m, spans, static_messages=len(m) - 1) for m in (first, second)]
+    for p, c in zip(plain, cached):
+        assert [n for _, n in p] == [n for _, n in c]
+        assert [lp for lp, _ in p] == pytest.approx([lp for lp, _ in c], abs=1e-4)
+    static = scorer._prefix[0]
+    assert len(static) > 50  # the system prompt and the worked examples
+    # first call: static prefix + question + spans; second: question + spans only (the prefix came from the cache)
+    assert seen.count(len(static)) == 1
+
+
+def test_dates_and_counts_are_told_apart():
+    kinds = {sp.text: sp.kind for sp in T.answer_spans(
+        "On January 30, 2020, the WHO counted a cluster of 1250 to 1750 adults, and in 1889 and 2,000 workers came.")}
+    assert kinds["January 30, 2020"] == T.DATE  # the year after a month and day's comma
+    assert kinds["1250 to 1750"] == T.NUMBER  # year-like numbers before a counted noun
+    assert kinds["1889"] == T.DATE and kinds["2,000"] == T.NUMBER  # "and" joins numbers only after "between"
+    assert {sp.text: sp.kind for sp in T.answer_spans("It takes between 2 and 14 days.")}["2 and 14 days"] == T.NUMBER
