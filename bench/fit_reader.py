@@ -1,6 +1,6 @@
 """Fit the extractive reader's weights (conditional logit over candidate spans) and report held-out quality.
 
-    .venv/bin/python bench/fit_reader.py [--train squad2] [--lm-rerank 8] [--out weights.json]
+    .venv/bin/python bench/fit_reader.py [--train squad2] [--lm-rerank 24] [--out weights.json]
 
 For each dev set it ingests the PDFs into a temporary store, retrieves (hybrid) and
 selects evidence exactly as ``memchat.rag`` does, and computes every candidate span's
