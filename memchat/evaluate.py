@@ -265,7 +265,9 @@ class RAGSystem(System):
     @property
     def model(self) -> str:
         if self.rag.resolved_mode() == "extractive":
-            return "extractive reader (no LM)"
+            scorer = self.rag.reader.scorer
+            return (f"extractive reader + {self.rag.generator.resolved.display_name} span scores" if scorer
+                    else "extractive reader (no LM)")
         return f"{self.rag.generator.resolved.display_name} (generative + verification)"
 
     def answer_many(self, questions, batch_size):
