@@ -59,3 +59,16 @@ def test_wrong_key_is_an_error_not_a_crash(app):
     assert not app.exception
     assert any("does not open the store" in e.value for e in app.error)
     assert (config.storage_dir() / config.INDEX_FILENAME).read_bytes() == before
+
+
+def test_one_rag_pipeline_per_server_model_and_mode(tmp_path):
+    """Reruns reuse the pipeline (its sentence vectors and the reader's encoded prompt prefix), per mode."""
+    from memchat.ui.common import shared_rag_pipeline
+
+    kb, generator = KnowledgeBase(tmp_path / "store"), object()
+    first = shared_rag_pipeline(kb, generator, "m", "extractive")
+    assert shared_rag_pipeline(kb, generator, "m", "extractive") is first
+    assert first.kb is kb and first.mode == "extractive"
+    other = shared_rag_pipeline(kb, generator, "m", "generative")
+    assert other is not first and other.mode == "generative"
+    assert shared_rag_pipeline(KnowledgeBase(tmp_path / "other"), generator, "m", "extractive") is not first

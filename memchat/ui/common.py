@@ -188,6 +188,21 @@ def _knowledge_base_for(storage: str):
     return KnowledgeBase(storage)
 
 
+@st.cache_resource(show_spinner=False)
+def _rag_pipeline_for(_kb, _generator, kb_id: int, generator_id: int, model_name: str, mode: str | None):
+    from memchat.config import GenerationConfig
+    from memchat.rag import RAGPipeline
+
+    return RAGPipeline(_kb, _generator, generation=GenerationConfig(model_name=model_name), mode=mode)
+
+
+def shared_rag_pipeline(kb, generator, model_name: str, mode: str | None = None):
+    """One RAGPipeline per server, knowledge base, model and mode, like the models themselves: the chunks'
+    sentence vectors and the reader's encoded prompt prefix outlive a rerun instead of being redone per question.
+    (Keyed by the ids of the cached kb and generator, which the pipeline holds, so the ids stay theirs.)"""
+    return _rag_pipeline_for(kb, generator, id(kb), id(generator), model_name, mode)
+
+
 def shared_knowledge_base():
     """One KnowledgeBase per server and store folder: its decrypted state is reused across reruns and
     sessions, and re-read only when the store's files change (a commit by anyone: app, CLI, API)."""

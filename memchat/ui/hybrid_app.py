@@ -27,8 +27,9 @@ from memchat.config import GenerationConfig
 from memchat.errors import MemChatError
 from memchat.hybrid import DEFAULT_STRATEGY, STRATEGIES
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.common import (errors_shown, shared_knowledge_base, generation_settings, get_generator, load_finetuned,
-                               md_escape, model_summary, require_login, show_sources, show_text, stream_text)
+from memchat.ui.common import (errors_shown, generation_settings, get_generator, load_finetuned, md_escape,
+                               model_summary, require_login, shared_knowledge_base, shared_rag_pipeline, show_sources,
+                               show_text, stream_text)
 
 MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
 ROUTES = {  # HybridAnswer.route -> what the caption says produced the answer
@@ -160,15 +161,13 @@ def render() -> None:
 
     rag = hybrid = None
     if mode != "Fine-tuned":
-        from memchat.rag import RAGPipeline
-
         model_name = os.environ.get("MEMCHAT_LLM", GenerationConfig.model_name)
         with errors_shown():
             generator = get_generator(model_name)
         if generator.notice:
             st.warning(generator.notice)
         with errors_shown():
-            rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name))
+            rag = shared_rag_pipeline(kb, generator, model_name)
             if mode in ("Hybrid", "Compare"):
                 from memchat.hybrid import HybridPipeline
 

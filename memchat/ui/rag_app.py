@@ -16,8 +16,8 @@ import streamlit as st
 
 from memchat.config import GenerationConfig
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.common import (errors_shown, shared_knowledge_base, get_generator, md_escape, require_login, show_sources,
-                               show_text, split_oversized, stream_text)
+from memchat.ui.common import (errors_shown, get_generator, md_escape, require_login, shared_knowledge_base,
+                               shared_rag_pipeline, show_sources, show_text, split_oversized, stream_text)
 
 
 def knowledge_base() -> KnowledgeBase:
@@ -92,11 +92,9 @@ def render() -> None:
         st.session_state.messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)
-        from memchat.rag import RAGPipeline
-
         with st.chat_message("assistant"):
             with errors_shown():
-                rag = RAGPipeline(kb, generator, generation=GenerationConfig(model_name=model_name), mode=mode)
+                rag = shared_rag_pipeline(kb, generator, model_name, mode)
                 pieces, answer = rag.stream(prompt)
                 slot = st.empty()
                 streamed = stream_text(pieces, slot)
