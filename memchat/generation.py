@@ -220,9 +220,10 @@ class Generator:
             return []
         stop = [s for s in (stop or []) if s]
         encoded = [self._fit(self._encode(self.format_prompt(m)), max_new_tokens) for m in batch]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: OOM shows early
         if share_prefix:
             order = sorted(range(len(encoded)), key=lambda i: encoded[i])  # rows with a common prefix become neighbours
+        else:
+            order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: OOM shows early
         kwargs = self._generation_kwargs(max_new_tokens, temperature, top_p, repetition_penalty, do_sample)
         results: list[GenerationResult | None] = [None] * len(encoded)
         bar = None

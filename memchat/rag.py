@@ -119,6 +119,13 @@ class Answer:
         return "\n\n".join(parts)
 
 
+def _chunk_sentences(text: str) -> list[str]:
+    """A chunk's sentences, white space collapsed: the units evidence is chosen from and passages are built of."""
+    from .chunking import split_sentences
+
+    return [" ".join(s.split()) for s in split_sentences(text)]
+
+
 def coverage(question: str, passage: str, idf) -> float:
     """Share of the question's content words (weighted by idf) that ``passage`` contains, 0..1."""
     qwords = T.content_words(question)
@@ -234,11 +241,9 @@ class RAGPipeline:
 
     def _sentences(self, hit: Hit) -> tuple[list[str], np.ndarray]:
         """A chunk's sentences and their vectors, embedded once per chunk (chunk ids are never reused)."""
-        from .chunking import split_sentences
-
         cached = self._sentence_cache.get(hit.chunk_id)
         if cached is None or cached[0] != hit.text:
-            sentences = [" ".join(s.split()) for s in split_sentences(hit.text)]
+            sentences = _chunk_sentences(hit.text)
             vecs = self.kb.embedder().encode(sentences) if sentences else np.zeros((0, 1), dtype=np.float32)
             if len(self._sentence_cache) >= SENTENCE_CACHE_CHUNKS:
                 self._sentence_cache.pop(next(iter(self._sentence_cache)))  # oldest first
@@ -247,9 +252,8 @@ class RAGPipeline:
 
     def passage(self, ev: Evidence) -> str:
         """The evidence sentence with its neighbours in its chunk (the window a reader checks)."""
-        from .chunking import split_sentences
-
-        sents = [" ".join(s.split()) for s in split_sentences(ev.hit.text)]
+        cached = self._sentence_cache.get(ev.hit.chunk_id)
+        sents = cached[1] if cached is not None and cached[0] == ev.hit.text else _chunk_sentences(ev.hit.text)
         if ev.position >= len(sents) or sents[ev.position] != ev.sentence:
             return ev.sentence
         return " ".join(sents[max(0, ev.position - 1) : ev.position + 2])

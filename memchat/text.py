@@ -368,8 +368,9 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 segs.append((i, j - 1))
             i = j + 1
         for a, (i, j) in enumerate(segs):
-            for i2, j2 in ((i, j), (i, segs[a + 1][1]) if a + 1 < len(segs) else (i, j)):
-                words = sum(1 for t in toks[i : j2 + 1] if _is_word(t))
+            ends = [j] if a + 1 == len(segs) else [j, segs[a + 1][1]]  # the stretch, and it with the next one
+            for end in ends:
+                words = sum(1 for t in toks[i : end + 1] if _is_word(t))
                 if max_words < words <= MAX_CLAUSE_WORDS:
-                    add(i, j2, CLAUSE)
+                    add(i, end, CLAUSE)
     return [Span(sentence[s:e], s, e, kind) for (s, e), kind in sorted(found.items())]
