@@ -85,33 +85,27 @@ class SpanScorer:
         tok = generator.tokenizer
         self.end_id = generator.eos_ids[0]
         self._tok = tok
-        self._prefix: tuple[list[int], object, object] | None = None  # (ids, cache, logits) of the static messages
+        self._prefix: tuple[list[int], object] | None = None  # (token ids, KV cache) of the static messages
 
     def encode_continuation(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
     def _prompt_cache(self, prompt_ids: list[int], static: int, cache_kw: str):
         """(cache, last logits) after ``prompt_ids``. Its first ``static`` tokens (the messages every question
-        shares) are computed once and copied; the rest runs on top of the copy."""
+        shares; fewer than all of them) are computed once and copied; the rest runs on top of the copy."""
         import torch
         from transformers import DynamicCache
 
         model, device = self.gen.model, self.gen.device
         if static and self._prefix is not None and self._prefix[0] == prompt_ids[:static]:
-            cache, last = copy.deepcopy(self._prefix[1]), self._prefix[2]
-        elif static:
-            cache = DynamicCache()
-            out = model(input_ids=torch.tensor([prompt_ids[:static]], device=device), use_cache=True,
-                        **{cache_kw: cache})
-            last = out.logits[0, -1]
-            self._prefix = (prompt_ids[:static], copy.deepcopy(cache), last)
+            cache = copy.deepcopy(self._prefix[1])
         else:
-            cache, last = DynamicCache(), None
-        if static < len(prompt_ids):
-            out = model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True,
-                        **{cache_kw: cache})
-            last = out.logits[0, -1]
-        return cache, last
+            cache = DynamicCache()
+            if static:
+                model(input_ids=torch.tensor([prompt_ids[:static]], device=device), use_cache=True, **{cache_kw: cache})
+                self._prefix = (prompt_ids[:static], copy.deepcopy(cache))
+        out = model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True, **{cache_kw: cache})
+        return cache, out.logits[0, -1]
 
     def score(self, messages, continuations: Sequence[str], static_messages: int = 0) -> list[tuple[float, int]]:
         """(sum log p(tokens + end), token count) per continuation, natural log.
