@@ -23,7 +23,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memchat.config import ExtractConfig
+    from memchat.config import ANSWER_WRITERS, ExtractConfig
 
     d = ExtractConfig()
     p = argparse.ArgumentParser(
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "no validation questions)")
     g.add_argument("--spans-per-sentence", type=int, default=d.restatement_spans_per_sentence, metavar="N",
                    help=f"answer spans asked about per sentence (default {d.restatement_spans_per_sentence})")
+    g.add_argument("--answer-writer", choices=ANSWER_WRITERS, default=d.answer_writer,
+                   help="who answers the generated questions: the extractive reader (a span of the chunk, nothing "
+                        "generated), the model (written, then grounded), or auto: the reader for in-process models "
+                        f"under 1B parameters, the model otherwise (default {d.answer_writer})")
 
     g = p.add_argument_group("output and resuming")
     g.add_argument("--output-dir", default=None,
@@ -105,12 +109,14 @@ def extract(args) -> int:
         generate_questions=args.questions,
         encrypt=args.encrypt,
         max_chunks=args.max_chunks,
+        answer_writer=args.answer_writer,
     )
     print(
         f"settings: model={cfg.model_name} pairs_per_chunk={cfg.max_pairs_per_chunk} augment={cfg.augment} "
         f"variations={cfg.variations_per_question if cfg.augment else 0} batch_size={cfg.batch_size} "
         f"max_chunks={cfg.max_chunks or 'all'} validation_families={cfg.validation_families_per_chunk} "
         f"documents={cfg.include_documents} restatements={cfg.include_restatements} encrypt={cfg.encrypt} "
+        f"answer_writer={cfg.answer_writer} "
         f"{'restart' if args.restart else 'resume'}",
         flush=True,
     )
@@ -134,7 +140,8 @@ def extract(args) -> int:
     print(
         f"records: {r.records} ({overall['records_train']} train, {overall['records_validation']} validation); "
         f"questions kept {overall['questions_kept']} of {overall['questions_generated']}, "
-        f"paraphrases kept {overall['variations_kept']}, answers repaired from the text {overall['answers']['extractive']}"
+        f"paraphrases kept {overall['variations_kept']}; answers: {overall['answers']['reader']} by the reader, "
+        f"{overall['answers']['model']} by the model, {overall['answers']['extractive']} repaired from the text"
     )
     if run.get("generated_tokens"):
         print(

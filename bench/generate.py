@@ -130,12 +130,12 @@ def part_batched_vs_loop(gen, prompts, batch_size: int, max_new_tokens: int) -> 
 
 
 def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int, out_dir: Path,
-                    force: dict | None = None) -> dict:
+                    force: dict | None = None, **settings) -> dict:
     from memchat.config import ExtractConfig
     from memchat.extraction import FAISSDataExtractor
 
     rec = Recorder(gen, force)
-    cfg = ExtractConfig(max_pairs_per_chunk=pairs, batch_size=batch_size, max_chunks=chunks)
+    cfg = ExtractConfig(max_pairs_per_chunk=pairs, batch_size=batch_size, max_chunks=chunks, **settings)
     ex = FAISSDataExtractor(kb, rec, embedder=embedder, extract_config=cfg, output_dir=out_dir, progress=False)
     gen.stats.reset()
     t = time.perf_counter()
@@ -165,6 +165,8 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
         "wall_over_inside": round(wall / inside, 3) if inside else None,
         "extraction_tok_s": round(tokens / wall, 1),
         "records": ex.report.records,
+        "answer_writer": ex.answer_writer(),
+        "stage_seconds": ex.report.stats["run"]["stage_seconds"],
         "questions_kept": o["questions_kept"],
         "questions_generated": o["questions_generated"],
         "answers": o["answers"],
@@ -282,6 +284,9 @@ def main(argv=None) -> int:
     g.add_argument("--chunks", type=int, default=6, help="chunks extracted (default 6)")
     g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
+    g.add_argument("--no-answer-writers", dest="answer_writers", action="store_false",
+                   help="do not run part 2 a second time with the model writing the answers (answer_writer='model', "
+                        "the path before the reader; by default both run and are compared)")
     g.add_argument("--share-prefix", action="store_true",
                    help="run part 2 a second time with generate(share_prefix=True) on every call (today's prompts)")
     g = p.add_argument_group("part 4: shared prefix")
@@ -339,6 +344,10 @@ def main(argv=None) -> int:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
             results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
+            if args.answer_writers and results["extraction"]["answer_writer"] != "model":
+                say("part 2 again with answer_writer='model' (the model writes the answers: the path before the reader) ...")
+                results["extraction_model_answers"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
+                                                                      Path(tmp) / "td-model", answer_writer="model")
             if args.share_prefix:
                 say(f"part 2 again, share_prefix=True on every generate call ...")
                 results["extraction_shared"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
@@ -375,6 +384,19 @@ def main(argv=None) -> int:
               f"{r['questions_kept'] / r['chunks']:.2f}")
         print(f"kept {r['questions_kept']} of {r['questions_generated']} questions, {r['records']} records, "
               f"answers {r['answers']}, dropped {r['dropped']}")
+    if "extraction_model_answers" in results:
+        a, b = results["extraction_model_answers"], results["extraction"]
+        rows = []
+        for name, r in (("model writes the answers (before)", a), (f"answer_writer {b['answer_writer']} (default)", b)):
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+            rows.append([name, round(r["extraction_wall_s"] / r["chunks"], 2), round(r["questions_kept"] / r["chunks"], 2),
+                         r["records"], r["generated_tokens"], stages,
+                         f"{(a['extraction_wall_s'] / a['chunks']) / (r['extraction_wall_s'] / r['chunks']):.2f}x"])
+        print(table(["extraction", "s/chunk", "questions kept/chunk", "records", "generated tokens", "seconds by stage",
+                     "speed-up"], rows,
+                    title=f"\n2c. who writes the answers, {b['chunks']} chunks x {b['pairs_per_chunk']} questions "
+                          "(target: <= 1/3 of the s/chunk, at least as many questions kept)"))
+        print(f"answers before: {a['answers']}; now: {b['answers']}")
     if "extraction_shared" in results:
         a, b = results["extraction"], results["extraction_shared"]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records"],

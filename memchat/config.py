@@ -170,6 +170,7 @@ class GenerationConfig:
 
 
 ANSWER_MODES = ("auto", "extractive", "generative")
+ANSWER_WRITERS = ("auto", "reader", "model")  # ExtractConfig.answer_writer
 
 
 @dataclass
@@ -278,6 +279,13 @@ class ExtractConfig:
     min_answer_support: float = 0.6  # share of the words an answer adds (beyond the question) found in the chunk
     min_answer_cosine: float = 0.3  # answer vs its best chunk sentence; below it the answer is off-topic
     evidence_chars: int = 600  # the chunk's best sentences given with each question: short prefill, focused model
+    # Who writes each question's answer (ANSWER_WRITERS): "model" (generated, then grounded; a failed one is
+    # repaired with the chunk's best sentence), "reader" (the extractive reader's span from the chunk, as RAG's
+    # extractive mode answers: nothing generated), or "auto": the reader for in-process models below
+    # RAGConfig.auto_generative_params, the model otherwise (and for external engines). The bundled SmolLM2-135M's
+    # written answers failed grounding 20 times in 20 (bench/generate.py part 2, 8 qa_dev chunks), so its answer
+    # stage was all cost.
+    answer_writer: str = "auto"
     max_chunks: int | None = None  # only the first N chunks (a quick look, CI); None = all
     seed: int = 42  # the split is a hash of (seed, chunk content): stable across runs
 

@@ -100,6 +100,7 @@ class FAISSDataExtractor:
         self.last_generate_calls = 0
         self._kept = 0  # questions kept so far in this run (progress bar)
         self._load_seconds = 0.0  # loading the generator and the embedder: not part of the per-token cost
+        self.stage_seconds: Counter = Counter()  # this run's seconds per stage (questions, retrying, answering, ...)
 
     # -- collaborators -------------------------------------------------------
     @property
@@ -158,6 +159,12 @@ class FAISSDataExtractor:
         ).split()
         settings = {k: getattr(c, k) for k in keep}
         settings["variations_per_question"] = c.variations_per_question if c.augment else 0
+        # "auto" resolves from the model, which the key already names; the reader's own settings change its spans.
+        settings["answer_writer"] = c.answer_writer
+        if c.answer_writer != "model":
+            r, rag = config.ReaderConfig(), config.RAGConfig()
+            settings["reader"] = {"weights": list(r.weights), "lm_rerank": r.lm_rerank,
+                                  "sentences": rag.reader_sentences, "threshold": rag.auto_generative_params}
         settings.update(model=model_id, pipeline_version=qa.PIPELINE_VERSION, embedding=self._embedding_id())
         return settings
 
@@ -225,6 +232,8 @@ class FAISSDataExtractor:
             raise MemChatError(f"validation_families_per_chunk must be 0 or more, got {c.validation_families_per_chunk}.")
         if c.augment and c.variations_per_question < 1:
             raise MemChatError("variations_per_question must be at least 1 when augment is on.")
+        if c.answer_writer not in config.ANSWER_WRITERS:
+            raise MemChatError(f"answer_writer must be one of {', '.join(config.ANSWER_WRITERS)}, got {c.answer_writer!r}.")
 
     def _run(self, state, all_chunks: list[dict], selected: list[dict], restart: bool, start: float) -> Path:
         model_id, display = self._model_id()
@@ -272,7 +281,7 @@ class FAISSDataExtractor:
         records, stats = self._assemble(state, selected, results, settings, display)
         wall = time.perf_counter() - start
         stats["run"] = extraction_stats.run_stats(wall, self._load_seconds, self._generator, len(selected), len(pending),
-                                                  reused, generate_calls, gen_stats_before)
+                                                  reused, generate_calls, gen_stats_before, self.stage_seconds)
         stats["generation"]["model"] = display
         if self.notices:
             stats["generation"]["notice"] = self.notices[0]
@@ -299,7 +308,9 @@ class FAISSDataExtractor:
         self._kept = 0
         calls = 0
         stages = GroupStages(self.cfg, self.embedder, self._generate,
-                             note=lambda bar, text: bar is not None and self._postfix(bar, text))
+                             note=lambda bar, text: bar is not None and self._postfix(bar, text),
+                             reader=self._reader(), idf=self.kb.idf, reader_sentences=config.RAGConfig().reader_sentences)
+        self.stage_seconds = stages.seconds
         try:
             for number, group in enumerate(groups, start=1):
                 works, group_calls = stages.process_group(group, bar)
@@ -316,6 +327,28 @@ class FAISSDataExtractor:
             if bar is not None:
                 bar.close()
         return calls
+
+    def answer_writer(self) -> str:
+        """``cfg.answer_writer`` with "auto" resolved: "reader" for an in-process model below
+        ``RAGConfig.auto_generative_params`` parameters, "model" for larger ones and external engines."""
+        if self.cfg.answer_writer != "auto":
+            return self.cfg.answer_writer
+        from .rag import model_parameters
+
+        params = model_parameters(self.generator)
+        return "reader" if params is not None and params < config.RAGConfig().auto_generative_params else "model"
+
+    def _reader(self):
+        """The extractive reader that answers the questions, or None when the model writes them."""
+        if self.answer_writer() != "reader":
+            return None
+        from .rag import model_parameters
+        from .reader import ExtractiveReader, SpanScorer
+
+        rc = config.ReaderConfig()
+        gen = self.generator
+        scorer = SpanScorer(gen) if rc.lm_rerank and model_parameters(gen) else None  # no local weights: LM-free
+        return ExtractiveReader(self.embedder, rc.weights, idf=self.kb.idf, scorer=scorer, lm_rerank=rc.lm_rerank)
 
     def _postfix(self, bar, doing: str) -> None:
         """Progress bar tail: questions kept so far, generation speed, what the current group is doing."""

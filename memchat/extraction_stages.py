@@ -5,12 +5,18 @@ between stages the results are parsed, grounded and filtered (``memchat.qa``) wi
 chunk's sentences embedded once. ``process_group`` returns each chunk's working state,
 whose ``result()`` is what the progress file stores.
 
+With a ``reader`` (``reader.ExtractiveReader``, what RAG's extractive mode answers with) the
+answer stage generates nothing: each question's answer is the span the reader picks from the
+chunk's sentences closest to it, grounded by construction. The extractor gives one for small
+models (``ExtractConfig.answer_writer``), whose written answers mostly fail grounding anyway.
+
 Deliberately left out: which chunks to generate, files and resume (``memchat.extraction``),
 and the counts across chunks (``memchat.extraction_stats``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -58,11 +64,26 @@ def _count_tokens(w: Work, r) -> None:
 class GroupStages:
     """The stages of one group; ``generate(prompts, max_new_tokens, stop)`` is the extractor's batched call."""
 
-    def __init__(self, cfg: ExtractConfig, embedder, generate: Callable, note: Callable = lambda bar, text: None):
+    def __init__(self, cfg: ExtractConfig, embedder, generate: Callable, note: Callable = lambda bar, text: None, *,
+                 reader=None, idf: Callable[[str], float] | None = None, reader_sentences: int = 3):
         self.cfg = cfg
         self.embedder = embedder
-        self.generate = generate
+        self.generate = self._timed(generate)
         self.note = note  # (progress bar, what the group is doing) -> None
+        self.reader = reader  # answers by extraction instead of generation (None: the model writes them)
+        self.idf = idf or (lambda word: 1.0)
+        self.reader_sentences = reader_sentences
+        self.seconds: Counter = Counter()  # stage -> seconds, summed over groups (the run's stats)
+        self._stage = ""
+
+    def _timed(self, generate: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.seconds[self._stage] += time.perf_counter() - start
+        return timed
 
     def process_group(self, group: list[dict], bar=None) -> tuple[list[Work], int]:
         """Questions -> retry -> answers -> paraphrases for a group of chunks; one generate call per stage."""
@@ -74,6 +95,7 @@ class GroupStages:
         calls = 0
 
         def stage(text: str) -> None:
+            self._stage = text.split()[0]  # "questions", "retrying", "answering", "reading", "paraphrasing"
             if bar is not None:
                 self.note(bar, text)
 
@@ -129,7 +151,12 @@ class GroupStages:
 
         # 3. answers, from each question's best sentences
         asks = [(w, q) for w in works for q in w.questions]
-        if asks:
+        if asks and self.reader is not None:
+            stage(f"reading {len(asks)} answers")
+            start = time.perf_counter()
+            self._read_answers(asks)
+            self.seconds["reading"] += time.perf_counter() - start
+        elif asks:
             stage(f"answering {len(asks)} questions")
             prompts = [qa.answer_prompt(q["question"], self._evidence(w, q)) for w, q in asks]
             results = self.generate(prompts, cfg.answer_max_new_tokens, stop=qa.ANSWER_STOP)
@@ -215,6 +242,43 @@ class GroupStages:
             used += len(w.sentences[i])
         return " ".join(w.sentences[i] for i in sorted(chosen))
 
+    def _read_answers(self, asks: list[tuple[Work, dict]]) -> None:
+        """Each question's answer is the reader's span from its chunk's closest sentences (RAG's evidence
+        score within one chunk: similarity + idf-weighted coverage); no span: the best-sentence repair."""
+        from .rag import coverage
+
+        keep: dict[int, list[dict]] = {}
+        for w, q in asks:
+            answer = ""
+            if len(w.sentences):
+                scores = w.sentence_vecs @ q["vec"]
+                ranked = sorted(
+                    ((float(c) + 0.5 * coverage(q["question"], s, self.idf), i)
+                     for i, (s, c) in enumerate(zip(w.sentences, scores)) if len(s) >= 12),
+                    reverse=True)[: self.reader_sentences]
+                if ranked:
+                    reading = self.reader.read(q["question"], [w.sentences[i] for _, i in ranked],
+                                               [sc for sc, _ in ranked])
+                    answer = reading.answer
+            if answer:
+                q["answer"], q["answer_source"] = answer, "reader"
+                w.counts["answers_reader"] += 1
+            elif not self._repair(w, q):
+                continue
+            keep.setdefault(id(w), []).append(q)
+        for w in {id(w): w for w, _ in asks}.values():
+            w.questions = keep.get(id(w), [])
+
+    def _repair(self, w: Work, q: dict) -> bool:
+        """The extractive repair: the chunk sentence that best answers ``q`` (False: none short enough)."""
+        best = qa.best_sentence(qa.content_words(q["question"]), w.sentences, q["vec"], w.sentence_vecs)
+        if best is None or qa.word_count(w.sentences[best[0]]) > qa.MAX_ANSWER_WORDS:
+            w.q_tally.dropped["not_answerable"] += 1
+            return False
+        q["answer"], q["answer_source"] = w.sentences[best[0]], "extractive"
+        w.counts["answers_extractive"] += 1
+        return True
+
     def _check_answers(self, asks: list[tuple[Work, dict]], results, truncated: list[bool]) -> None:
         """Parse and ground each answer; a failed one is repaired with the best chunk sentence."""
         cfg = self.cfg
@@ -247,16 +311,8 @@ class GroupStages:
             else:
                 if reason != "unusable":  # unusable ones are already counted by cause in the parse tally
                     w.a_tally.dropped[reason] += 1
-                best = qa.best_sentence(qa.content_words(q["question"]), w.sentences, q["vec"], w.sentence_vecs)
-                if best is None:
-                    w.q_tally.dropped["not_answerable"] += 1
+                if not self._repair(w, q):
                     continue
-                sentence = w.sentences[best[0]]
-                if qa.word_count(sentence) > qa.MAX_ANSWER_WORDS:
-                    w.q_tally.dropped["not_answerable"] += 1
-                    continue
-                q["answer"], q["answer_source"] = sentence, "extractive"
-                w.counts["answers_extractive"] += 1
             keep.setdefault(id(w), []).append(q)
         for w in {id(w): w for w, _ in asks}.values():
             w.questions = keep.get(id(w), [])

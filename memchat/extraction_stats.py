@@ -36,6 +36,7 @@ def dataset_stats(selected, results, records, drops, display) -> dict:
         d["variations_generated"] += cnt.get("variations_generated", 0)
         d["answers"]["model"] += cnt.get("answers_model", 0)
         d["answers"]["extractive"] += cnt.get("answers_extractive", 0)
+        d["answers"]["reader"] += cnt.get("answers_reader", 0)
         d["generated_tokens"] += r.get("tokens", {}).get("new", 0)
         for part, key in (("questions_tally", "questions"), ("answers_tally", "answers_parse"),
                           ("variations_tally", "variations")):
@@ -89,7 +90,7 @@ def dataset_stats(selected, results, records, drops, display) -> dict:
     }
 
 
-def run_stats(wall, load_seconds, gen, selected, generated, reused, calls, before) -> dict:
+def run_stats(wall, load_seconds, gen, selected, generated, reused, calls, before, stage_seconds=None) -> dict:
     out = {
         "wall_time_s": round(wall, 2),
         "model_load_s": round(load_seconds, 2),
@@ -97,6 +98,8 @@ def run_stats(wall, load_seconds, gen, selected, generated, reused, calls, befor
         "chunks_generated": generated,
         "chunks_reused": reused,
         "generate_calls": calls,
+        # where the time went: generate calls per stage, and the reader's answering ("reading")
+        "stage_seconds": {k: round(v, 2) for k, v in (stage_seconds or {}).items()},
     }
     if before is not None and gen is not None:
         s = gen.stats
@@ -157,7 +160,8 @@ def _finish_doc(d: dict) -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, Counter):
-            out[k] = {"model": v.get("model", 0), "extractive": v.get("extractive", 0)} if k == "answers" else _counter_dict(v)
+            out[k] = ({src: v.get(src, 0) for src in ("model", "reader", "extractive")} if k == "answers"
+                      else _counter_dict(v))
         elif isinstance(v, dict):
             out[k] = {kk: _counter_dict(c) for kk, c in v.items()}
         else:

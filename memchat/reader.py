@@ -15,7 +15,8 @@ as the complete answer after the question and the evidence:
     log p(span, <end> | system, evidence, question)     (summed over tokens)
 
 The prompt is encoded once and its key/value cache shared by every candidate, so
-that costs one prompt pass plus one batched pass over the spans' few tokens.
+that costs one prompt pass plus one pass over all the spans' few tokens, packed into
+one row (each span sees the prompt and itself only).
 
 Deliberately left out: retrieval and evidence selection (``rag``), and deciding
 whether to answer at all (``rag``'s abstention uses ``Reading.confidence``).
@@ -70,18 +71,18 @@ class Reading:
     confidence: float = 0.0  # softmax probability of the chosen span among the candidates
 
 
-def _cache_copy(cache, batch: int):
-    c = copy.deepcopy(cache)
-    c.batch_repeat_interleave(batch)
-    return c
+def _last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it: the vocabulary projection for the last position only."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 class SpanScorer:
     """Scores candidate continuations after one shared prompt, with a causal LM (a ``generation.Generator``)."""
 
-    def __init__(self, generator, batch_size: int = 64):
+    def __init__(self, generator):
         self.gen = generator
-        self.batch_size = batch_size
         tok = generator.tokenizer
         self.end_id = generator.eos_ids[0]
         self._tok = tok
@@ -97,14 +98,17 @@ class SpanScorer:
         from transformers import DynamicCache
 
         model, device = self.gen.model, self.gen.device
+        last = _last_logits_only(model)  # the prompt's other positions need no logits
         if static and self._prefix is not None and self._prefix[0] == prompt_ids[:static]:
             cache = copy.deepcopy(self._prefix[1])
         else:
             cache = DynamicCache()
             if static:
-                model(input_ids=torch.tensor([prompt_ids[:static]], device=device), use_cache=True, **{cache_kw: cache})
+                model(input_ids=torch.tensor([prompt_ids[:static]], device=device), use_cache=True,
+                      **{cache_kw: cache}, **last)
                 self._prefix = (prompt_ids[:static], copy.deepcopy(cache))
-        out = model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True, **{cache_kw: cache})
+        out = model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True, **{cache_kw: cache},
+                    **last)
         return cache, out.logits[0, -1]
 
     def score(self, messages, continuations: Sequence[str], static_messages: int = 0) -> list[tuple[float, int]]:
@@ -134,26 +138,35 @@ class SpanScorer:
         with _eval_mode(model), torch.inference_mode():
             cache, last_logits = self._prompt_cache(prompt_ids, static, cache_kw)
             first_lp = torch.log_softmax(last_logits.float(), dim=-1)  # (V,)
-            order = sorted(range(len(conts)), key=lambda i: len(conts[i]))
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                width = max(len(conts[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), gen.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), len(prompt_ids) + width), dtype=torch.long)
-                mask[:, : len(prompt_ids)] = 1
-                for row, i in enumerate(chunk):
-                    ids[row, : len(conts[i])] = torch.tensor(conts[i])
-                    mask[row, len(prompt_ids) : len(prompt_ids) + len(conts[i])] = 1
-                logits = model(input_ids=ids.to(gen.device), attention_mask=mask.to(gen.device),
-                               use_cache=True, **{cache_kw: _cache_copy(cache, len(chunk))}).logits
-                lps = torch.log_softmax(logits.float(), dim=-1)  # (B, W, V): position t predicts token t+1
-                for row, i in enumerate(chunk):
-                    c = conts[i]
-                    total = float(first_lp[c[0]])
-                    if len(c) > 1:
+            totals = [float(first_lp[c[0]]) for c in conts]
+            # Every continuation's tokens but its last, packed into ONE row after the prompt: each attends to the
+            # prompt and to its own earlier tokens only (a block-diagonal causal mask), at the positions it would
+            # have alone. No padding and no per-candidate copy of the prompt's cache.
+            fed = [c[:-1] for c in conts]
+            width = sum(len(f) for f in fed)
+            if width:
+                n_prompt = len(prompt_ids)
+                ids = torch.tensor([[t for f in fed for t in f]], dtype=torch.long, device=gen.device)
+                positions = torch.tensor([[n_prompt + j for f in fed for j in range(len(f))]], device=gen.device)
+                dtype = next(model.parameters()).dtype
+                allowed = torch.zeros((width, n_prompt + width), dtype=torch.bool)
+                allowed[:, :n_prompt] = True
+                at = 0
+                for f in fed:
+                    k = len(f)
+                    allowed[at : at + k, n_prompt + at : n_prompt + at + k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
+                    at += k
+                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+                logits = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].to(gen.device),
+                               use_cache=True, **{cache_kw: cache}).logits[0]
+                lps = torch.log_softmax(logits.float(), dim=-1)  # (width, V): row t predicts the token after t
+                at = 0
+                for i, (c, f) in enumerate(zip(conts, fed)):
+                    if f:
                         tgt = torch.tensor(c[1:], device=lps.device)
-                        total += float(lps[row, : len(c) - 1].gather(1, tgt[:, None]).sum())
-                    out[i] = (total, len(c))
+                        totals[i] += float(lps[at : at + len(f)].gather(1, tgt[:, None]).sum())
+                    at += len(f)
+            out = [(t, len(c)) for t, c in zip(totals, conts)]
         return out
 
 

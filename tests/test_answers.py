@@ -305,6 +305,32 @@ def test_shared_prompt_prefix_is_encoded_once_and_scores_the_same(tmp_path, tiny
     assert seen.count(len(static)) == 1
 
 
+@pytest.mark.parametrize("model", ["tiny_qwen_dir", "tiny_gpt2_dir"])
+def test_packed_spans_score_as_each_span_alone(model, request):
+    """All spans in one row after the prompt (block-diagonal mask, their own positions) give the log-probabilities
+    of running prompt + span + end as one sequence, span by span, with no cache."""
+    import torch
+
+    from memchat.generation import Generator
+    from memchat.reader import SpanScorer, reader_messages
+
+    gen = Generator(str(request.getfixturevalue(model)))
+    scorer = SpanScorer(gen)
+    messages = reader_messages("Who discovered oxygen?", OXYGEN[0])
+    messages = [messages[0], messages[-1]]  # no worked examples: the tiny GPT-2 has 512 positions
+    spans = ["Joseph Priestley", "1773", "the chemist Joseph Priestley in Birmingham", "air", "Birmingham"]
+    packed = scorer.score(messages, spans, static_messages=1)
+    prompt = gen._encode(gen.format_prompt(messages))
+    for span, (lp, n) in zip(spans, packed):
+        cont = scorer.encode_continuation(span) + [scorer.end_id]
+        with torch.inference_mode():
+            logits = gen.model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+        lps = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+        alone = float(lps.gather(1, torch.tensor(cont)[:, None]).sum())
+        assert n == len(cont) and lp == pytest.approx(alone, abs=1e-3)
+    assert len({round(lp, 4) for lp, _ in packed}) == len(spans)  # distinct spans, distinct scores
+
+
 def test_dates_and_counts_are_told_apart():
     kinds = {sp.text: sp.kind for sp in T.answer_spans(
         "On January 30, 2020, the WHO counted a cluster of 1250 to 1750 adults, and in 1889 and 2,000 workers came.")}

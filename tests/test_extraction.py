@@ -392,6 +392,51 @@ def test_max_chunks_limits_the_work():
     assert ex.report.chunks_reused == 2 and len(question_prompts(gen)) == len({c["hash"] for c in k.chunks()}) - 2
 
 
+def test_reader_answers_the_questions_without_generating():
+    """answer_writer="reader": each answer is a span of its chunk, no answer prompt is generated, and no
+    question the model-written path keeps is lost."""
+    k = make_kb(QA_PDFS[:1])
+    chunks = {c["id"]: " ".join(c["text"].split()) for c in k.chunks()}
+    model_gen, reader_gen = ScriptedGenerator(), ScriptedGenerator()
+    written = extractor(k, model_gen, out=config.training_dir() / "model", answer_writer="model")
+    written.create_training_dataset()
+    ex = extractor(k, reader_gen, out=config.training_dir() / "reader", answer_writer="reader")
+    doc = load(ex.create_training_dataset())
+    assert any(m[0]["content"] == qa.ANSWER_SYSTEM for m in model_gen.prompts)
+    assert not any(m[0]["content"] == qa.ANSWER_SYSTEM for m in reader_gen.prompts)
+    originals = [r for r in doc["records"] if r["kind"] == "original"]
+    assert originals and all(r["answer_source"] in ("reader", "extractive") for r in originals)
+    read = [r for r in originals if r["answer_source"] == "reader"]
+    assert len(read) >= len(originals) / 2
+    for r in read:
+        assert r["answer"] in chunks[r["chunk_id"]] and len(r["answer"].split()) < 20
+    o, run = ex.report.stats["overall"], ex.report.stats["run"]
+    assert o["answers"]["reader"] == len(read) and o["answers"]["model"] == 0
+    assert o["questions_kept"] >= written.report.stats["overall"]["questions_kept"]
+    assert "reading" in run["stage_seconds"] and "answering" not in run["stage_seconds"]
+    assert "answering" in written.report.stats["run"]["stage_seconds"]
+    assert run["generate_calls"] < written.report.stats["run"]["generate_calls"]
+
+
+def test_answer_writer_auto_and_its_progress_key(tiny_gpt2_dir, torch_single_thread):
+    """auto: the reader for a small in-process model, the model for one without local weights (an engine,
+    here the scripted stand-in); the writer is part of the progress key, so switching regenerates."""
+    from memchat.generation import Generator
+
+    k = make_kb(QA_PDFS[:1])
+    assert extractor(k, Generator(str(tiny_gpt2_dir))).answer_writer() == "reader"
+    assert extractor(k, ScriptedGenerator()).answer_writer() == "model"
+    with pytest.raises(Exception, match="answer_writer must be one of"):
+        extractor(k, answer_writer="nobody").create_training_dataset()
+    n_chunks = len({c["hash"] for c in k.chunks()})
+    extractor(k, answer_writer="model").create_training_dataset()
+    gen = ScriptedGenerator()
+    extractor(k, gen, answer_writer="model").create_training_dataset()
+    assert gen.calls == 0  # same settings: all reused
+    extractor(k, gen, answer_writer="reader").create_training_dataset()
+    assert len(question_prompts(gen)) == n_chunks
+
+
 def test_real_generator_tiny_qwen_never_crashes(tiny_qwen_dir, torch_single_thread):
     """The real batched Generator on a random tiny model: gibberish in, counted drops out."""
     from memchat.generation import Generator
@@ -465,4 +510,6 @@ def test_end_to_end_bundled_model_via_script(monkeypatch, capsys, torch_single_t
         assert r["question"].endswith("?") and r["answer"]
         assert r["document"] == QA_PDFS[0].name and r["chunk_id"] in chunk_words
         assert qa.support(r["answer"], chunk_words[r["chunk_id"]]) >= 0.4  # grounded in its chunk
+    assert {r["answer_source"] for r in doc["records"] if r["kind"] == "original"} <= {"reader", "extractive"}
+    assert stats["overall"]["answers"]["reader"] >= 1  # auto: the bundled 135M model's answers come from the reader
     assert "records:" in out and "not encrypted" in out
