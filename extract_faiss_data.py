@@ -23,7 +23,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memchat.config import ANSWER_WRITERS, ExtractConfig
+    from memchat.config import ANSWER_WRITERS, PARAPHRASE_WRITERS, ExtractConfig
 
     d = ExtractConfig()
     p = argparse.ArgumentParser(
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who answers the generated questions: the extractive reader (a span of the chunk, nothing "
                         "generated), the model (written, then grounded), or auto: the reader for in-process models "
                         f"under 1B parameters, the model otherwise (default {d.answer_writer})")
+    g.add_argument("--paraphrase-writer", choices=PARAPHRASE_WRITERS, default=d.paraphrase_writer,
+                   help="who paraphrases the questions with --augment: framings of the question only (template, no "
+                        "generation), the model (then filtered; framings fill up), or auto: templates for in-process "
+                        f"models under 1B parameters, the model otherwise (default {d.paraphrase_writer})")
 
     g = p.add_argument_group("output and resuming")
     g.add_argument("--output-dir", default=None,
@@ -110,13 +114,14 @@ def extract(args) -> int:
         encrypt=args.encrypt,
         max_chunks=args.max_chunks,
         answer_writer=args.answer_writer,
+        paraphrase_writer=args.paraphrase_writer,
     )
     print(
         f"settings: model={cfg.model_name} pairs_per_chunk={cfg.max_pairs_per_chunk} augment={cfg.augment} "
         f"variations={cfg.variations_per_question if cfg.augment else 0} batch_size={cfg.batch_size} "
         f"max_chunks={cfg.max_chunks or 'all'} validation_families={cfg.validation_families_per_chunk} "
         f"documents={cfg.include_documents} restatements={cfg.include_restatements} encrypt={cfg.encrypt} "
-        f"answer_writer={cfg.answer_writer} "
+        f"answer_writer={cfg.answer_writer} paraphrase_writer={cfg.paraphrase_writer} "
         f"{'restart' if args.restart else 'resume'}",
         flush=True,
     )

@@ -234,17 +234,18 @@ def train(args) -> int:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from memchat.device import is_main_process
     from memchat.training import ConversationalTrainer
 
     _setup_logging()
     trainer = ConversationalTrainer(**settings_from(args))
     lines = trainer.describe()  # checks the data first, then loads the model
-    if int(os.environ.get("RANK", "0")) == 0:  # accelerate / torchrun: the main process prints
+    if is_main_process():  # accelerate / torchrun: the main process prints
         print("settings:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
     with logging_redirect_tqdm(loggers=[logging.getLogger("memchat")]):
         result = trainer.train()
 
-    if int(os.environ.get("RANK", "0")) != 0:  # accelerate / torchrun: the main process reports
+    if not is_main_process():  # accelerate / torchrun: the main process reports
         return 0
     metric = trainer.config.metric_for_best
     if result.stopped_early:

@@ -24,6 +24,10 @@ before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
                        recorded; then the same calls replayed bare. Extraction wall
                        time / bare generation time for the same prompts (target <=
                        1.3x): what parsing, filtering, embedding and file writing cost.
+                       Then (unless --no-writers) the same chunks again with the model
+                       writing answers and paraphrases (the path before the reader and
+                       the framings took those stages for small models): seconds per
+                       chunk, questions kept per chunk, seconds by stage, in one run.
   4. shared prefix     a chunk's answer stage, --pairs questions per chunk on
                        --prefix-chunks chunks, three ways: today's prompts (each
                        question with its own best sentences of the chunk), the whole
@@ -151,6 +155,11 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
     bare = time.perf_counter() - t
     say(f"  bare replay: {bare:.1f} s, {gen.stats.new_tokens} tokens")
     o = ex.report.stats["overall"]
+    doc = json.loads(Path(ex.report.dataset_path).read_text(encoding="utf-8"))
+    paraphrases: dict = {}
+    for r in doc["records"]:
+        if r["kind"] == "variation":
+            paraphrases[r["paraphrase_source"]] = paraphrases.get(r["paraphrase_source"], 0) + 1
     return {
         "chunks": chunks,
         "pairs_per_chunk": pairs,
@@ -166,9 +175,13 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
         "extraction_tok_s": round(tokens / wall, 1),
         "records": ex.report.records,
         "answer_writer": ex.answer_writer(),
+        "paraphrase_writer": ex.paraphrase_writer(),
+        "retry_kept": o["questions_from_retry"],
         "stage_seconds": ex.report.stats["run"]["stage_seconds"],
         "questions_kept": o["questions_kept"],
         "questions_generated": o["questions_generated"],
+        "variations_generated": o["variations_generated"],
+        "paraphrases_by_source": paraphrases,
         "answers": o["answers"],
         "dropped": o["dropped"],
     }
@@ -284,9 +297,10 @@ def main(argv=None) -> int:
     g.add_argument("--chunks", type=int, default=6, help="chunks extracted (default 6)")
     g.add_argument("--pairs", type=int, default=3, help="questions per chunk (default 3)")
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
-    g.add_argument("--no-answer-writers", dest="answer_writers", action="store_false",
-                   help="do not run part 2 a second time with the model writing the answers (answer_writer='model', "
-                        "the path before the reader; by default both run and are compared)")
+    g.add_argument("--no-writers", dest="writers", action="store_false",
+                   help="do not run part 2 a second time with the model writing answers and paraphrases "
+                        "(answer_writer and paraphrase_writer 'model': the path before the reader and the framings; "
+                        "by default both run and are compared)")
     g.add_argument("--share-prefix", action="store_true",
                    help="run part 2 a second time with generate(share_prefix=True) on every call (today's prompts)")
     g = p.add_argument_group("part 4: shared prefix")
@@ -344,10 +358,12 @@ def main(argv=None) -> int:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
             results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
-            if args.answer_writers and results["extraction"]["answer_writer"] != "model":
-                say("part 2 again with answer_writer='model' (the model writes the answers: the path before the reader) ...")
+            if args.writers and (results["extraction"]["answer_writer"], results["extraction"]["paraphrase_writer"]) \
+                    != ("model", "model"):
+                say("part 2 again with the model writing answers and paraphrases (the path before the writers) ...")
                 results["extraction_model_answers"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
-                                                                      Path(tmp) / "td-model", answer_writer="model")
+                                                                      Path(tmp) / "td-model", answer_writer="model",
+                                                                      paraphrase_writer="model")
             if args.share_prefix:
                 say(f"part 2 again, share_prefix=True on every generate call ...")
                 results["extraction_shared"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
@@ -387,16 +403,20 @@ def main(argv=None) -> int:
     if "extraction_model_answers" in results:
         a, b = results["extraction_model_answers"], results["extraction"]
         rows = []
-        for name, r in (("model writes the answers (before)", a), (f"answer_writer {b['answer_writer']} (default)", b)):
+        for name, r in (("model writes answers + paraphrases (before)", a),
+                        (f"answers: {b['answer_writer']}, paraphrases: {b['paraphrase_writer']} (default)", b)):
             stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
             rows.append([name, round(r["extraction_wall_s"] / r["chunks"], 2), round(r["questions_kept"] / r["chunks"], 2),
                          r["records"], r["generated_tokens"], stages,
                          f"{(a['extraction_wall_s'] / a['chunks']) / (r['extraction_wall_s'] / r['chunks']):.2f}x"])
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records", "generated tokens", "seconds by stage",
                      "speed-up"], rows,
-                    title=f"\n2c. who writes the answers, {b['chunks']} chunks x {b['pairs_per_chunk']} questions "
+                    title=f"\n2c. who writes answers and paraphrases, {b['chunks']} chunks x {b['pairs_per_chunk']} questions "
                           "(target: <= 1/3 of the s/chunk, at least as many questions kept)"))
-        print(f"answers before: {a['answers']}; now: {b['answers']}")
+        print(f"answers before: {a['answers']}; now: {b['answers']}; questions from the retry: {a['retry_kept']} / "
+              f"{b['retry_kept']}")
+        print(f"paraphrases before: {a['paraphrases_by_source']} of {a['variations_generated']} generated; "
+              f"now: {b['paraphrases_by_source']} of {b['variations_generated']} generated")
     if "extraction_shared" in results:
         a, b = results["extraction"], results["extraction_shared"]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records"],

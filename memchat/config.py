@@ -171,6 +171,7 @@ class GenerationConfig:
 
 ANSWER_MODES = ("auto", "extractive", "generative")
 ANSWER_WRITERS = ("auto", "reader", "model")  # ExtractConfig.answer_writer
+PARAPHRASE_WRITERS = ("auto", "template", "model")  # ExtractConfig.paraphrase_writer
 
 
 @dataclass
@@ -255,6 +256,11 @@ class ExtractConfig:
     # Where the generator's paraphrases fall short (SmolLM2-135M: about 1 in 64 survives the
     # filters), fill up with framings of the question ("According to the document, ...").
     template_paraphrases: bool = True
+    # Who paraphrases (PARAPHRASE_WRITERS): "model" (a generate stage, then the filters; framings fill up),
+    # "template" (framings only: no stage), or "auto": templates for in-process models below
+    # RAGConfig.auto_generative_params, the model otherwise. The bundled SmolLM2-135M's paraphrase stage gave
+    # 0 usable paraphrases for 31 questions (bench/generate.py part 2, 14 qa_dev chunks): 13 s for nothing.
+    paraphrase_writer: str = "auto"
     batch_size: int = 16  # prompts per generate call; ~6-7x one-at-a-time on CPU
     max_new_tokens: int = 256  # cap for any one output; question lists get ~24 tokens per question below it
     answer_max_new_tokens: int = 96  # one or two sentences (~40 words); a longer answer is cut to whole sentences

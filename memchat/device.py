@@ -12,6 +12,8 @@ Rules:
   training Weights are kept in float32 everywhere (the optimizer needs fp32 master
            weights); speed comes from mixed precision instead, see ``mixed_precision``.
 
+Also which process of a multi-process launch is the main one (``is_main_process``).
+
 Deliberately not here: thread tuning, multi-GPU placement, quantisation.
 """
 
@@ -26,6 +28,12 @@ if TYPE_CHECKING:  # torch is imported lazily: `memchat.config` users should not
     import torch
 
 DEVICE_ENV = "MEMCHAT_DEVICE"
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an `accelerate launch` / `torchrun` job (their RANK variable, set
+    before any process group exists). Shared folders are set up and cleaned by the main process only."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def get_device() -> "torch.device":

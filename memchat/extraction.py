@@ -161,6 +161,7 @@ class FAISSDataExtractor:
         settings["variations_per_question"] = c.variations_per_question if c.augment else 0
         # "auto" resolves from the model, which the key already names; the reader's own settings change its spans.
         settings["answer_writer"] = c.answer_writer
+        settings["paraphrase_writer"] = c.paraphrase_writer if c.augment else None
         if c.answer_writer != "model":
             r, rag = config.ReaderConfig(), config.RAGConfig()
             settings["reader"] = {"weights": list(r.weights), "lm_rerank": r.lm_rerank,
@@ -232,6 +233,9 @@ class FAISSDataExtractor:
             raise MemChatError(f"validation_families_per_chunk must be 0 or more, got {c.validation_families_per_chunk}.")
         if c.augment and c.variations_per_question < 1:
             raise MemChatError("variations_per_question must be at least 1 when augment is on.")
+        if c.paraphrase_writer not in config.PARAPHRASE_WRITERS:
+            raise MemChatError(f"paraphrase_writer must be one of {', '.join(config.PARAPHRASE_WRITERS)}, "
+                               f"got {c.paraphrase_writer!r}.")
         if c.answer_writer not in config.ANSWER_WRITERS:
             raise MemChatError(f"answer_writer must be one of {', '.join(config.ANSWER_WRITERS)}, got {c.answer_writer!r}.")
 
@@ -309,7 +313,8 @@ class FAISSDataExtractor:
         calls = 0
         stages = GroupStages(self.cfg, self.embedder, self._generate,
                              note=lambda bar, text: bar is not None and self._postfix(bar, text),
-                             reader=self._reader(), idf=self.kb.idf, reader_sentences=config.RAGConfig().reader_sentences)
+                             reader=self._reader(), idf=self.kb.idf, reader_sentences=config.RAGConfig().reader_sentences,
+                             model_paraphrases=self.paraphrase_writer() == "model")
         self.stage_seconds = stages.seconds
         try:
             for number, group in enumerate(groups, start=1):
@@ -328,15 +333,25 @@ class FAISSDataExtractor:
                 bar.close()
         return calls
 
-    def answer_writer(self) -> str:
-        """``cfg.answer_writer`` with "auto" resolved: "reader" for an in-process model below
-        ``RAGConfig.auto_generative_params`` parameters, "model" for larger ones and external engines."""
-        if self.cfg.answer_writer != "auto":
-            return self.cfg.answer_writer
+    def _small_model(self) -> bool:
+        """An in-process model below ``RAGConfig.auto_generative_params`` (an external engine counts as large):
+        what "auto" answers and paraphrases without generating for."""
         from .rag import model_parameters
 
         params = model_parameters(self.generator)
-        return "reader" if params is not None and params < config.RAGConfig().auto_generative_params else "model"
+        return params is not None and params < config.RAGConfig().auto_generative_params
+
+    def answer_writer(self) -> str:
+        """``cfg.answer_writer`` with "auto" resolved: "reader" for a small model, else "model"."""
+        if self.cfg.answer_writer != "auto":
+            return self.cfg.answer_writer
+        return "reader" if self._small_model() else "model"
+
+    def paraphrase_writer(self) -> str:
+        """``cfg.paraphrase_writer`` with "auto" resolved: "template" for a small model, else "model"."""
+        if self.cfg.paraphrase_writer != "auto":
+            return self.cfg.paraphrase_writer
+        return "template" if self._small_model() else "model"
 
     def _reader(self):
         """The extractive reader that answers the questions, or None when the model writes them."""

@@ -8,7 +8,8 @@ whose ``result()`` is what the progress file stores.
 With a ``reader`` (``reader.ExtractiveReader``, what RAG's extractive mode answers with) the
 answer stage generates nothing: each question's answer is the span the reader picks from the
 chunk's sentences closest to it, grounded by construction. The extractor gives one for small
-models (``ExtractConfig.answer_writer``), whose written answers mostly fail grounding anyway.
+models (``ExtractConfig.answer_writer``), whose written answers mostly fail grounding anyway;
+for them it also leaves out the paraphrase stage (``ExtractConfig.paraphrase_writer``).
 
 Deliberately left out: which chunks to generate, files and resume (``memchat.extraction``),
 and the counts across chunks (``memchat.extraction_stats``).
@@ -65,7 +66,8 @@ class GroupStages:
     """The stages of one group; ``generate(prompts, max_new_tokens, stop)`` is the extractor's batched call."""
 
     def __init__(self, cfg: ExtractConfig, embedder, generate: Callable, note: Callable = lambda bar, text: None, *,
-                 reader=None, idf: Callable[[str], float] | None = None, reader_sentences: int = 3):
+                 reader=None, idf: Callable[[str], float] | None = None, reader_sentences: int = 3,
+                 model_paraphrases: bool = True):
         self.cfg = cfg
         self.embedder = embedder
         self.generate = self._timed(generate)
@@ -73,6 +75,7 @@ class GroupStages:
         self.reader = reader  # answers by extraction instead of generation (None: the model writes them)
         self.idf = idf or (lambda word: 1.0)
         self.reader_sentences = reader_sentences
+        self.model_paraphrases = model_paraphrases  # False: no paraphrase stage (the assembly's framings fill in)
         self.seconds: Counter = Counter()  # stage -> seconds, summed over groups (the run's stats)
         self._stage = ""
 
@@ -169,7 +172,7 @@ class GroupStages:
         for w in works:
             for q in w.questions:
                 q["variations"] = []
-        if cfg.augment:
+        if cfg.augment and self.model_paraphrases:
             asks = [(w, q) for w in works for q in w.questions]
             if asks:
                 v = cfg.variations_per_question

@@ -60,6 +60,7 @@ from memchat.config import (
     finetuned_dir,
     training_dir,
 )
+from memchat.device import is_main_process
 from memchat.errors import DatasetError, MemChatError, TrainingOutOfMemoryError
 from memchat.formats import MODEL_META_FORMAT, MODEL_META_VERSION, read_model_meta  # noqa: F401  (re-exported)
 from memchat.probe import METRICS, KnowledgeProbe
@@ -428,9 +429,9 @@ class ConversationalTrainer:
         """Checkpoint to resume from (or None) and the TensorBoard run folder name."""
         state_path = self.checkpoints_dir / RUN_STATE_FILENAME
         if not self.options.resume:
-            if self.checkpoints_dir.exists():
+            if self.checkpoints_dir.exists() and is_main_process():  # the others would delete what it writes next
                 logger.info(f"removing the checkpoints of an earlier run in {self.checkpoints_dir}")
-                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)  # (every process of a launch)
+                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
             stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             return None, f"{stamp}_{socket.gethostname()}"
         checkpoint = _last_checkpoint(self.checkpoints_dir)
@@ -533,7 +534,7 @@ class ConversationalTrainer:
         started = time.monotonic()
         checkpoint, tb_run = self._start_or_resume()
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
+        if checkpoint is None and is_main_process():
             _write_json(self.checkpoints_dir / RUN_STATE_FILENAME, self._run_state(tb_run))
         else:
             logger.info(f"resuming from {checkpoint} (step {_step_of(checkpoint)})")
@@ -552,7 +553,7 @@ class ConversationalTrainer:
         state = trainer.state
         self.last_log_history = list(state.log_history)  # every logged loss / eval / lr, for callers and tests
         result = self._finish(trainer, output, checkpoint, time.monotonic() - started)
-        if not self.options.keep_checkpoints:
+        if not self.options.keep_checkpoints and is_main_process():
             shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         logger.info(
             f"saved {self.output_dir}/ (step {state.global_step}, "

@@ -418,14 +418,28 @@ def test_reader_answers_the_questions_without_generating():
     assert run["generate_calls"] < written.report.stats["run"]["generate_calls"]
 
 
+def test_template_paraphrases_need_no_paraphrase_stage():
+    k = make_kb(QA_PDFS[:1])
+    gen = ScriptedGenerator()
+    ex = extractor(k, gen, paraphrase_writer="template", variations_per_question=2)
+    doc = load(ex.create_training_dataset())
+    assert not any(m[-1]["content"].startswith("Rewrite the question below") for m in gen.prompts)
+    variations = [r for r in doc["records"] if r["kind"] == "variation"]
+    originals = [r for r in doc["records"] if r["kind"] == "original"]
+    assert len(variations) == 2 * len(originals) > 0  # framings make up both
+    assert {r["paraphrase_source"] for r in variations} == {"template"}
+    assert "paraphrasing" not in ex.report.stats["run"]["stage_seconds"]
+
+
 def test_answer_writer_auto_and_its_progress_key(tiny_gpt2_dir, torch_single_thread):
     """auto: the reader for a small in-process model, the model for one without local weights (an engine,
     here the scripted stand-in); the writer is part of the progress key, so switching regenerates."""
     from memchat.generation import Generator
 
     k = make_kb(QA_PDFS[:1])
-    assert extractor(k, Generator(str(tiny_gpt2_dir))).answer_writer() == "reader"
-    assert extractor(k, ScriptedGenerator()).answer_writer() == "model"
+    small, engine = extractor(k, Generator(str(tiny_gpt2_dir))), extractor(k, ScriptedGenerator())
+    assert (small.answer_writer(), small.paraphrase_writer()) == ("reader", "template")
+    assert (engine.answer_writer(), engine.paraphrase_writer()) == ("model", "model")
     with pytest.raises(Exception, match="answer_writer must be one of"):
         extractor(k, answer_writer="nobody").create_training_dataset()
     n_chunks = len({c["hash"] for c in k.chunks()})
