@@ -246,9 +246,9 @@ class GroupStages:
         return " ".join(w.sentences[i] for i in sorted(chosen))
 
     def _read_answers(self, asks: list[tuple[Work, dict]]) -> None:
-        """Each question's answer is the reader's span from its chunk's closest sentences (RAG's evidence
-        score within one chunk: similarity + idf-weighted coverage); no span: the best-sentence repair."""
-        from .rag import coverage
+        """Each question's answer is the reader's span from its chunk's best sentences (ranked by RAG's
+        ``evidence_score`` within the chunk); no span: the best-sentence repair."""
+        from .rag import MIN_EVIDENCE_CHARS, evidence_score
 
         keep: dict[int, list[dict]] = {}
         for w, q in asks:
@@ -256,8 +256,8 @@ class GroupStages:
             if len(w.sentences):
                 scores = w.sentence_vecs @ q["vec"]
                 ranked = sorted(
-                    ((float(c) + 0.5 * coverage(q["question"], s, self.idf), i)
-                     for i, (s, c) in enumerate(zip(w.sentences, scores)) if len(s) >= 12),
+                    ((evidence_score(c, q["question"], s, self.idf), i)
+                     for i, (s, c) in enumerate(zip(w.sentences, scores)) if len(s) >= MIN_EVIDENCE_CHARS),
                     reverse=True)[: self.reader_sentences]
                 if ranked:
                     reading = self.reader.read(q["question"], [w.sentences[i] for _, i in ranked],

@@ -135,6 +135,15 @@ def coverage(question: str, passage: str, idf) -> float:
     return sum(idf(w) for w in qwords & T.content_words(passage)) / total
 
 
+MIN_EVIDENCE_CHARS = 12  # shorter "sentences" are headings, labels and page furniture
+
+
+def evidence_score(cos: float, question: str, sentence: str, idf, chunk_score: float = 0.0) -> float:
+    """How good a sentence is as evidence: its similarity to the question dominates; rare shared words and the
+    chunk's retrieval score break ties. The extractor ranks one chunk's sentences with it (no chunk score)."""
+    return float(cos) + 0.3 * chunk_score + 0.5 * coverage(question, sentence, idf)
+
+
 def support(answer: str, question: str, evidence: Sequence[str]) -> float:
     """Share of the content words ``answer`` adds beyond the question that the evidence contains (0 if none added)."""
     added = T.content_words(answer) - T.content_words(question)
@@ -224,7 +233,7 @@ class RAGPipeline:
         for h in hits:
             sentences, sentence_vecs = self._sentences(h)
             for pos, (s, v) in enumerate(zip(sentences, sentence_vecs)):
-                if len(s) < 12 or s in seen:
+                if len(s) < MIN_EVIDENCE_CHARS or s in seen:
                     continue
                 seen.add(s)
                 cands.append(Evidence(s, 0.0, h, pos))
@@ -234,8 +243,7 @@ class RAGPipeline:
         qv = np.asarray(self.kb.embedder().encode_query(question)).reshape(-1)
         cos = np.vstack(vecs) @ qv
         for e, c in zip(cands, cos):
-            # sentence similarity dominates; rare shared words and the chunk's rank break ties
-            e.score = float(c) + 0.3 * e.hit.score + 0.5 * coverage(question, e.sentence, self.kb.idf)
+            e.score = evidence_score(c, question, e.sentence, self.kb.idf, e.hit.score)
         order = np.argsort([-e.score for e in cands], kind="stable")
         return [cands[i] for i in order]
 
