@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spans-per-sentence", type=int, default=d.restatement_spans_per_sentence, metavar="N",
                    help=f"answer spans asked about per sentence (default {d.restatement_spans_per_sentence})")
     g.add_argument("--answer-writer", choices=ANSWER_WRITERS, default=d.answer_writer,
-                   help="who answers the generated questions: the extractive reader (a span of the chunk, nothing "
-                        "generated), the model (written, then grounded), or auto: the reader for in-process models "
+                   help="who answers the generated questions: the chunk sentence that best answers it (sentence), "
+                        "the extractive reader's span of the chunk (reader; neither generates), the model (written, "
+                        "then grounded; a failed answer gets the sentence), or auto: sentence for in-process models "
                         f"under 1B parameters, the model otherwise (default {d.answer_writer})")
     g.add_argument("--paraphrase-writer", choices=PARAPHRASE_WRITERS, default=d.paraphrase_writer,
                    help="who paraphrases the questions with --augment: framings of the question only (template, no "

@@ -25,9 +25,10 @@ before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
                        time / bare generation time for the same prompts (target <=
                        1.3x): what parsing, filtering, embedding and file writing cost.
                        Then (unless --no-writers) the same chunks again with the model
-                       writing answers and paraphrases (the path before the reader and
-                       the framings took those stages for small models): seconds per
-                       chunk, questions kept per chunk, seconds by stage, in one run.
+                       writing answers and paraphrases (the path before small models got
+                       sentence answers and framings without those stages): seconds per
+                       chunk, questions kept per chunk, seconds by stage, and whether the
+                       records are the same, in one run.
   4. shared prefix     a chunk's answer stage, --pairs questions per chunk on
                        --prefix-chunks chunks, three ways: today's prompts (each
                        question with its own best sentences of the chunk), the whole
@@ -48,6 +49,7 @@ Not a test: numbers depend on the machine and its load (shown); compare ratios w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -156,6 +158,7 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
     say(f"  bare replay: {bare:.1f} s, {gen.stats.new_tokens} tokens")
     o = ex.report.stats["overall"]
     doc = json.loads(Path(ex.report.dataset_path).read_text(encoding="utf-8"))
+    contents = sorted((r["kind"], r.get("question", ""), r.get("answer", r.get("text", ""))) for r in doc["records"])
     paraphrases: dict = {}
     for r in doc["records"]:
         if r["kind"] == "variation":
@@ -182,6 +185,7 @@ def part_extraction(kb, gen, embedder, chunks: int, pairs: int, batch_size: int,
         "questions_generated": o["questions_generated"],
         "variations_generated": o["variations_generated"],
         "paraphrases_by_source": paraphrases,
+        "records_digest": hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:16],
         "answers": o["answers"],
         "dropped": o["dropped"],
     }
@@ -299,8 +303,8 @@ def main(argv=None) -> int:
     g.add_argument("--skip-extraction", action="store_true", help="skip part 2")
     g.add_argument("--no-writers", dest="writers", action="store_false",
                    help="do not run part 2 a second time with the model writing answers and paraphrases "
-                        "(answer_writer and paraphrase_writer 'model': the path before the reader and the framings; "
-                        "by default both run and are compared)")
+                        "(answer_writer and paraphrase_writer 'model': the path before; by default both run and are "
+                        "compared)")
     g.add_argument("--share-prefix", action="store_true",
                    help="run part 2 a second time with generate(share_prefix=True) on every call (today's prompts)")
     g = p.add_argument_group("part 4: shared prefix")
@@ -417,6 +421,7 @@ def main(argv=None) -> int:
               f"{b['retry_kept']}")
         print(f"paraphrases before: {a['paraphrases_by_source']} of {a['variations_generated']} generated; "
               f"now: {b['paraphrases_by_source']} of {b['variations_generated']} generated")
+        print(f"same records (kind, question, answer) in both: {a['records_digest'] == b['records_digest']}")
     if "extraction_shared" in results:
         a, b = results["extraction"], results["extraction_shared"]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records"],

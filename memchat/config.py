@@ -170,7 +170,7 @@ class GenerationConfig:
 
 
 ANSWER_MODES = ("auto", "extractive", "generative")
-ANSWER_WRITERS = ("auto", "reader", "model")  # ExtractConfig.answer_writer
+ANSWER_WRITERS = ("auto", "sentence", "reader", "model")  # ExtractConfig.answer_writer
 PARAPHRASE_WRITERS = ("auto", "template", "model")  # ExtractConfig.paraphrase_writer
 
 
@@ -286,11 +286,13 @@ class ExtractConfig:
     min_answer_cosine: float = 0.3  # answer vs its best chunk sentence; below it the answer is off-topic
     evidence_chars: int = 600  # the chunk's best sentences given with each question: short prefill, focused model
     # Who writes each question's answer (ANSWER_WRITERS): "model" (generated, then grounded; a failed one is
-    # repaired with the chunk's best sentence), "reader" (the extractive reader's span from the chunk, as RAG's
-    # extractive mode answers: nothing generated), or "auto": the reader for in-process models below
-    # RAGConfig.auto_generative_params, the model otherwise (and for external engines). The bundled SmolLM2-135M's
-    # written answers failed grounding 20 times in 20 (bench/generate.py part 2, 8 qa_dev chunks), so its answer
-    # stage was all cost.
+    # repaired with the chunk's best sentence), "sentence" (that best sentence directly: nothing generated),
+    # "reader" (the extractive reader's span from the chunk, as RAG's extractive mode answers), or "auto":
+    # "sentence" for in-process models below RAGConfig.auto_generative_params, the model otherwise (and for
+    # external engines). The bundled SmolLM2-135M's written answers failed grounding 32 times in 32 (bench/generate.py
+    # part 2, 14 qa_dev chunks): its answers were the sentences anyway, after an answer stage that was all cost.
+    # "reader" is not the default: trained on its short spans, the full mix's closed-book contains fell 18.4 -> 8.2
+    # on qa_dev (F1 14.9 vs 14.7; bench/knowledge.py --rows base,full,rag,hybrid --epochs 3, one run each).
     answer_writer: str = "auto"
     max_chunks: int | None = None  # only the first N chunks (a quick look, CI); None = all
     seed: int = 42  # the split is a hash of (seed, chunk content): stable across runs

@@ -162,7 +162,7 @@ class FAISSDataExtractor:
         # "auto" resolves from the model, which the key already names; the reader's own settings change its spans.
         settings["answer_writer"] = c.answer_writer
         settings["paraphrase_writer"] = c.paraphrase_writer if c.augment else None
-        if c.answer_writer != "model":
+        if c.answer_writer == "reader":
             r, rag = config.ReaderConfig(), config.RAGConfig()
             settings["reader"] = {"weights": list(r.weights), "lm_rerank": r.lm_rerank,
                                   "sentences": rag.reader_sentences, "threshold": rag.auto_generative_params}
@@ -313,7 +313,8 @@ class FAISSDataExtractor:
         calls = 0
         stages = GroupStages(self.cfg, self.embedder, self._generate,
                              note=lambda bar, text: bar is not None and self._postfix(bar, text),
-                             reader=self._reader(), idf=self.kb.idf, reader_sentences=config.RAGConfig().reader_sentences,
+                             answer_writer=self.answer_writer(), reader=self._reader(), idf=self.kb.idf,
+                             reader_sentences=config.RAGConfig().reader_sentences,
                              model_paraphrases=self.paraphrase_writer() == "model")
         self.stage_seconds = stages.seconds
         try:
@@ -342,10 +343,10 @@ class FAISSDataExtractor:
         return params is not None and params < config.RAGConfig().auto_generative_params
 
     def answer_writer(self) -> str:
-        """``cfg.answer_writer`` with "auto" resolved: "reader" for a small model, else "model"."""
+        """``cfg.answer_writer`` with "auto" resolved: "sentence" for a small model, else "model"."""
         if self.cfg.answer_writer != "auto":
             return self.cfg.answer_writer
-        return "reader" if self._small_model() else "model"
+        return "sentence" if self._small_model() else "model"
 
     def paraphrase_writer(self) -> str:
         """``cfg.paraphrase_writer`` with "auto" resolved: "template" for a small model, else "model"."""

@@ -5,11 +5,12 @@ between stages the results are parsed, grounded and filtered (``memchat.qa``) wi
 chunk's sentences embedded once. ``process_group`` returns each chunk's working state,
 whose ``result()`` is what the progress file stores.
 
-With a ``reader`` (``reader.ExtractiveReader``, what RAG's extractive mode answers with) the
-answer stage generates nothing: each question's answer is the span the reader picks from the
-chunk's sentences closest to it, grounded by construction. The extractor gives one for small
-models (``ExtractConfig.answer_writer``), whose written answers mostly fail grounding anyway;
-for them it also leaves out the paraphrase stage (``ExtractConfig.paraphrase_writer``).
+The answer stage generates only when the model writes the answers (``ExtractConfig.answer_writer``):
+with "sentence" each answer is the chunk sentence that best answers the question (the repair a
+failed written answer gets), with "reader" the span the extractive reader (``reader.ExtractiveReader``,
+what RAG's extractive mode answers with) picks from the chunk's best sentences. For small models,
+whose written answers fail grounding, the extractor asks for sentences and leaves out the
+paraphrase stage too (``ExtractConfig.paraphrase_writer``).
 
 Deliberately left out: which chunks to generate, files and resume (``memchat.extraction``),
 and the counts across chunks (``memchat.extraction_stats``).
@@ -66,13 +67,16 @@ class GroupStages:
     """The stages of one group; ``generate(prompts, max_new_tokens, stop)`` is the extractor's batched call."""
 
     def __init__(self, cfg: ExtractConfig, embedder, generate: Callable, note: Callable = lambda bar, text: None, *,
-                 reader=None, idf: Callable[[str], float] | None = None, reader_sentences: int = 3,
-                 model_paraphrases: bool = True):
+                 answer_writer: str = "model", reader=None, idf: Callable[[str], float] | None = None,
+                 reader_sentences: int = 3, model_paraphrases: bool = True):
         self.cfg = cfg
         self.embedder = embedder
         self.generate = self._timed(generate)
         self.note = note  # (progress bar, what the group is doing) -> None
-        self.reader = reader  # answers by extraction instead of generation (None: the model writes them)
+        if answer_writer not in ("model", "sentence", "reader") or (answer_writer == "reader") != (reader is not None):
+            raise ValueError(f"answer_writer {answer_writer!r} (a reader is given exactly for 'reader')")
+        self.answer_writer = answer_writer  # "model" (generated, then grounded), "sentence" or "reader"
+        self.reader = reader
         self.idf = idf or (lambda word: 1.0)
         self.reader_sentences = reader_sentences
         self.model_paraphrases = model_paraphrases  # False: no paraphrase stage (the assembly's framings fill in)
@@ -98,7 +102,7 @@ class GroupStages:
         calls = 0
 
         def stage(text: str) -> None:
-            self._stage = text.split()[0]  # "questions", "retrying", "answering", "reading", "paraphrasing"
+            self._stage = text.split()[0]  # questions, retrying, answering / picking / reading, paraphrasing
             if bar is not None:
                 self.note(bar, text)
 
@@ -154,11 +158,11 @@ class GroupStages:
 
         # 3. answers, from each question's best sentences
         asks = [(w, q) for w in works for q in w.questions]
-        if asks and self.reader is not None:
-            stage(f"reading {len(asks)} answers")
+        if asks and self.answer_writer != "model":
+            stage(f"{'reading' if self.reader is not None else 'picking'} {len(asks)} answers")
             start = time.perf_counter()
-            self._read_answers(asks)
-            self.seconds["reading"] += time.perf_counter() - start
+            self._extract_answers(asks)
+            self.seconds[self._stage] += time.perf_counter() - start
         elif asks:
             stage(f"answering {len(asks)} questions")
             prompts = [qa.answer_prompt(q["question"], self._evidence(w, q)) for w, q in asks]
@@ -245,15 +249,15 @@ class GroupStages:
             used += len(w.sentences[i])
         return " ".join(w.sentences[i] for i in sorted(chosen))
 
-    def _read_answers(self, asks: list[tuple[Work, dict]]) -> None:
-        """Each question's answer is the reader's span from its chunk's best sentences (ranked by RAG's
-        ``evidence_score`` within the chunk); no span: the best-sentence repair."""
+    def _extract_answers(self, asks: list[tuple[Work, dict]]) -> None:
+        """Answers copied from the chunk, nothing generated: the reader's span from the chunk's best sentences
+        (ranked by RAG's ``evidence_score``), or with no reader (or no span) the best-sentence repair."""
         from .rag import MIN_EVIDENCE_CHARS, evidence_score
 
         keep: dict[int, list[dict]] = {}
         for w, q in asks:
             answer = ""
-            if len(w.sentences):
+            if self.reader is not None and len(w.sentences):
                 scores = w.sentence_vecs @ q["vec"]
                 ranked = sorted(
                     ((evidence_score(c, q["question"], s, self.idf), i)

@@ -418,6 +418,25 @@ def test_reader_answers_the_questions_without_generating():
     assert run["generate_calls"] < written.report.stats["run"]["generate_calls"]
 
 
+def test_sentence_answers_are_the_repair_without_an_answer_stage():
+    """answer_writer="sentence": every answer is the chunk sentence a failed written answer would get, with no
+    answer prompt; the questions are the model path's."""
+    k = make_kb(QA_PDFS[:1])
+    model_gen, gen = ScriptedGenerator(), ScriptedGenerator()
+    written = extractor(k, model_gen, out=config.training_dir() / "model", answer_writer="model")
+    before = load(written.create_training_dataset())
+    ex = extractor(k, gen, out=config.training_dir() / "sentence", answer_writer="sentence")
+    doc = load(ex.create_training_dataset())
+    assert not any(m[0]["content"] == qa.ANSWER_SYSTEM for m in gen.prompts)
+    originals = [r for r in doc["records"] if r["kind"] == "original"]
+    assert originals and {r["answer_source"] for r in originals} == {"extractive"}
+    repaired = {r["question"]: r["answer"] for r in before["records"]
+                if r["kind"] == "original" and r["answer_source"] == "extractive"}
+    assert repaired and all(r["answer"] == repaired[r["question"]] for r in originals if r["question"] in repaired)
+    assert {r["question"] for r in originals} == {r["question"] for r in before["records"] if r["kind"] == "original"}
+    assert "picking" in ex.report.stats["run"]["stage_seconds"]
+
+
 def test_template_paraphrases_need_no_paraphrase_stage():
     k = make_kb(QA_PDFS[:1])
     gen = ScriptedGenerator()
@@ -438,7 +457,7 @@ def test_answer_writer_auto_and_its_progress_key(tiny_gpt2_dir, torch_single_thr
 
     k = make_kb(QA_PDFS[:1])
     small, engine = extractor(k, Generator(str(tiny_gpt2_dir))), extractor(k, ScriptedGenerator())
-    assert (small.answer_writer(), small.paraphrase_writer()) == ("reader", "template")
+    assert (small.answer_writer(), small.paraphrase_writer()) == ("sentence", "template")
     assert (engine.answer_writer(), engine.paraphrase_writer()) == ("model", "model")
     with pytest.raises(Exception, match="answer_writer must be one of"):
         extractor(k, answer_writer="nobody").create_training_dataset()
@@ -524,6 +543,7 @@ def test_end_to_end_bundled_model_via_script(monkeypatch, capsys, torch_single_t
         assert r["question"].endswith("?") and r["answer"]
         assert r["document"] == QA_PDFS[0].name and r["chunk_id"] in chunk_words
         assert qa.support(r["answer"], chunk_words[r["chunk_id"]]) >= 0.4  # grounded in its chunk
-    assert {r["answer_source"] for r in doc["records"] if r["kind"] == "original"} <= {"reader", "extractive"}
-    assert stats["overall"]["answers"]["reader"] >= 1  # auto: the bundled 135M model's answers come from the reader
+    # auto: the bundled 135M model writes the questions only; each answer is the chunk's best sentence
+    assert {r["answer_source"] for r in doc["records"] if r["kind"] == "original"} == {"extractive"}
+    assert stats["overall"]["answers"]["model"] == 0 and "picking" in stats["run"]["stage_seconds"]
     assert "records:" in out and "not encrypted" in out
