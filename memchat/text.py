@@ -252,6 +252,20 @@ MAX_SPAN_WORDS = 8  # SQuAD answers: median 2 words, 90% at most 8 (Rajpurkar et
 MAX_CLAUSE_WORDS = 30  # long answers (how/why questions on papers) are a clause, rarely more
 
 
+def _starts_name(toks, i: int) -> bool:
+    """A capitalised word that can open a name: not a stop word, not a month (that opens a date), and not a
+    sentence's capitalised first word when it is a common opener ("However") or an adverb before a comma
+    ("Notably,": a -ly word long enough not to be a short name such as Italy or Emily)."""
+    t = toks[i]
+    if not (_is_word(t) and _is_cap(t)) or _is_stop(t) or t.text.lower() in _MONTH:
+        return False
+    if i == 0 and not (len(toks) > 1 and _is_cap(toks[1])):
+        word = t.text.lower()
+        if word in _COMMON_INITIAL or (len(word) >= 7 and word.endswith("ly") and len(toks) > 1 and toks[1].text == ","):
+            return False
+    return True
+
+
 def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool = False) -> list[Span]:
     """Candidate answers in ``sentence``: dates, numbers (with units), names and content phrases.
 
@@ -305,15 +319,15 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 add(s, j, DATE if is_date else NUMBER)
                 for end in sorted({u, e} - {j}):
                     add(s, end, DATE if is_date else NUMBER)
+            elif all(_is_cap(x) and x.text.lower() in _MONTH for x in toks[i : j + 1]) and (i > 0 or t.text != "May"):
+                add(i, j, DATE)  # a month alone ("in March") is a date, not a name ("May" opening a sentence may not be)
             i = j + 1
             continue
         i += 1
 
     i = 0
     while i < n:  # names: runs of capitalised words, with connectors inside
-        if _is_word(toks[i]) and _is_cap(toks[i]) and not _is_stop(toks[i]) and not (i == 0 and _is_cap(toks[i]) and
-                                                                                  not (i + 1 < n and _is_cap(toks[i + 1]))
-                                                                                  and toks[i].text.lower() in _COMMON_INITIAL):
+        if _starts_name(toks, i):
             j = i
             while j + 1 < n:
                 nxt = toks[j + 1]

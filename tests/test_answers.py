@@ -338,3 +338,11 @@ def test_dates_and_counts_are_told_apart():
     assert kinds["1250 to 1750"] == T.NUMBER  # year-like numbers before a counted noun
     assert kinds["1889"] == T.DATE and kinds["2,000"] == T.NUMBER  # "and" joins numbers only after "between"
     assert {sp.text: sp.kind for sp in T.answer_spans("It takes between 2 and 14 days.")}["2 and 14 days"] == T.NUMBER
+
+
+
+def test_a_month_alone_is_a_date_and_an_opening_adverb_is_no_name():
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("Notably, the survey ran in March and on 3 March the Senate met.")}
+    assert kinds["March"] == T.DATE and kinds["3 March"] == T.DATE  # "Who ...?" no longer finds a name in a month
+    assert kinds.get("Notably") != T.NAME and "March the Senate" not in kinds and kinds["Senate"] == T.NAME
+    assert {sp.text: sp.kind for sp in T.answer_spans("Italy, France and Spain agreed.")}["Italy"] == T.NAME
