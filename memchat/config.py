@@ -253,8 +253,9 @@ class ExtractConfig:
     max_pairs_per_chunk: int = 3  # questions per chunk (the guide's default; 5 at most)
     augment: bool = True  # also write paraphrases that share the answer
     variations_per_question: int = 2
-    # Where the generator's paraphrases fall short (SmolLM2-135M: about 1 in 64 survives the
-    # filters), fill up with framings of the question ("According to the document, ...").
+    # Where the generator's paraphrases fall short (SmolLM2-135M: about 1 in 64 survived the filters in
+    # an earlier count, 0 for 31 questions in the latest), fill up with framings of the question
+    # ("According to the document, ...").
     template_paraphrases: bool = True
     # Who paraphrases (PARAPHRASE_WRITERS): "model" (a generate stage, then the filters; framings fill up),
     # "template" (framings only: no stage), or "auto": templates for in-process models below
