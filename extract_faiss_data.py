@@ -147,7 +147,7 @@ def extract(args) -> int:
         f"records: {r.records} ({overall['records_train']} train, {overall['records_validation']} validation); "
         f"questions kept {overall['questions_kept']} of {overall['questions_generated']}, "
         f"paraphrases kept {overall['variations_kept']}; answers: {overall['answers']['reader']} by the reader, "
-        f"{overall['answers']['model']} by the model, {overall['answers']['extractive']} repaired from the text"
+        f"{overall['answers']['model']} by the model, {overall['answers']['extractive']} the chunk's best sentence"
     )
     if run.get("generated_tokens"):
         print(
