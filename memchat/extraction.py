@@ -358,13 +358,9 @@ class FAISSDataExtractor:
         """The extractive reader that answers the questions, or None when the model writes them."""
         if self.answer_writer() != "reader":
             return None
-        from .rag import model_parameters
-        from .reader import ExtractiveReader, SpanScorer
+        from .rag import build_reader
 
-        rc = config.ReaderConfig()
-        gen = self.generator
-        scorer = SpanScorer(gen) if rc.lm_rerank and model_parameters(gen) else None  # no local weights: LM-free
-        return ExtractiveReader(self.embedder, rc.weights, idf=self.kb.idf, scorer=scorer, lm_rerank=rc.lm_rerank)
+        return build_reader(self.embedder, self.generator, self.kb.idf, config.ReaderConfig())
 
     def _postfix(self, bar, doing: str) -> None:
         """Progress bar tail: questions kept so far, generation speed, what the current group is doing."""

@@ -163,6 +163,15 @@ def model_parameters(generator) -> float | None:
     return float(sum(p.numel() for p in model.parameters()))
 
 
+def build_reader(embedder, generator, idf, cfg: ReaderConfig):
+    """The extractive reader RAG answers with (and the extractor, with ``answer_writer="reader"``). An in-process
+    model scores the spans; an external engine (no local weights) leaves the reader LM-free."""
+    from .reader import ExtractiveReader, SpanScorer
+
+    scorer = SpanScorer(generator) if cfg.lm_rerank and model_parameters(generator) else None
+    return ExtractiveReader(embedder, cfg.weights, idf=idf, scorer=scorer, lm_rerank=cfg.lm_rerank)
+
+
 class RAGPipeline:
     def __init__(
         self,
@@ -213,12 +222,7 @@ class RAGPipeline:
     @property
     def reader(self):
         if self._reader is None:
-            from .reader import ExtractiveReader, SpanScorer
-
-            # An in-process model scores spans; an external engine (no local weights) leaves the reader LM-free.
-            scorer = SpanScorer(self.generator) if self.reader_cfg.lm_rerank and model_parameters(self.generator) else None
-            self._reader = ExtractiveReader(self.kb.embedder(), self.reader_cfg.weights, idf=self.kb.idf,
-                                            scorer=scorer, lm_rerank=self.reader_cfg.lm_rerank)
+            self._reader = build_reader(self.kb.embedder(), self.generator, self.kb.idf, self.reader_cfg)
         return self._reader
 
     # -- retrieval -----------------------------------------------------------
