@@ -99,8 +99,8 @@ def main(argv=None) -> int:
 
     from memchat.config import GenerationConfig, RAGConfig, ReaderConfig
     from memchat.knowledge import KnowledgeBase
-    from memchat.rag import RAGPipeline
-    from memchat.reader import FEATURES, ExtractiveReader, SpanScorer
+    from memchat.rag import RAGPipeline, build_reader
+    from memchat.reader import FEATURES
 
     generator = None
     if args.lm_rerank:
@@ -113,8 +113,7 @@ def main(argv=None) -> int:
         kb = KnowledgeBase(Path(home) / "store")
         kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
         rag = RAGPipeline(kb, generator, rag=RAGConfig())
-        reader = ExtractiveReader(kb.embedder(), ReaderConfig().weights, idf=kb.idf,
-                                  scorer=SpanScorer(generator) if generator else None, lm_rerank=args.lm_rerank)
+        reader = build_reader(kb.embedder(), generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
         rows += collect(name, SETS[name], rag, reader, args.limit)
     train = [r for r in rows if r["set"] in args.train.split(",")]
     w = fit(train, len(FEATURES))
