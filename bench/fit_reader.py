@@ -1,13 +1,14 @@
 """Fit the extractive reader's weights (conditional logit over candidate spans) and report held-out quality.
 
-    .venv/bin/python bench/fit_reader.py [--train squad2] [--lm-rerank 24] [--out weights.json]
+    .venv/bin/python bench/fit_reader.py [--train squad2] [--lm-rerank 24] [--folds 2] [--out weights.json]
 
 For each dev set it ingests the PDFs into a temporary store, retrieves (hybrid) and
 selects evidence exactly as ``memchat.rag`` does, and computes every candidate span's
 features (``memchat.reader.features``). The weights maximise the likelihood of the
 best-F1 candidate per question (softmax over that question's candidates, L2 0.01),
 fitted on ``--train`` sets only; the table shows F1 / contains of the chosen span on
-every set, the held-out ones being the honest figure. The oracle row is the best
+every set, the held-out ones being the honest figure, and a k-fold split of the training
+sets' questions (``--folds``). The oracle row is the best
 candidate's F1 (the ceiling that candidate generation allows).
 
 The fitted weights printed at the end are what ``config.ReaderConfig.weights`` holds.
@@ -43,7 +44,7 @@ def collect(name: str, folder: Path, rag, reader, limit: int) -> list[dict]:
         hits = rag.retrieve(q["question"])
         ev = rag.select_evidence(q["question"], hits)[: rag.cfg.reader_sentences]
         sents = [e.sentence for e in ev]
-        cands, X, _ = reader.scored(q["question"], sents, [e.score for e in ev])  # the LM column as when answering
+        cands, X, _ = reader.scored(q["question"], sents, [e.score for e in ev], every_column=True)  # LM columns as when answering
         f1 = np.array([token_f1(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         cont = np.array([contains_gold(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         rows.append({"X": X, "f1": f1, "cont": cont, "set": name, "q": q["question"], "answers": q["answers"],
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--lm-rerank", type=int, default=0, help="also score the best N candidates with the LM (0 = off)")
     p.add_argument("--limit", type=int, default=0, help="first N questions per set")
     p.add_argument("--out", default="", help="write the weights as JSON here")
+    p.add_argument("--folds", type=int, default=2, help="also report a k-fold split of the training sets (0 = off)")
     p.add_argument("--dump", default="", help="write every question's candidates and features as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     train = [r for r in rows if r["set"] in args.train.split(",")]
     w = fit(train, len(FEATURES))
     if not args.lm_rerank:
-        w[FEATURES.index("lm")] = 0.0
+        w[[FEATURES.index("lm"), FEATURES.index("pmi")]] = 0.0
     print(f"{'set':8s} {'role':9s} {'F1':>6s} {'contains':>9s} {'oracle F1':>10s}   (current ReaderConfig: F1 / contains)")
     cur = np.asarray(ReaderConfig().weights)
     for name in args.sets.split(","):
@@ -127,6 +129,10 @@ def main(argv=None) -> int:
         f1c, contc, _ = quality(part, cur)
         role = "train" if name in args.train.split(",") else "held-out"
         print(f"{name:8s} {role:9s} {f1:6.1f} {cont:9.1f} {oracle:10.1f}   ({f1c:.1f} / {contc:.1f})")
+    if args.folds > 1:  # the training sets' questions dealt into k folds: each fold scored by a fit on the others
+        scores = [quality(train[k :: args.folds], fit([r for i, r in enumerate(train) if i % args.folds != k],
+                                                      len(FEATURES)))[0] for k in range(args.folds)]
+        print(f"{args.train:8s} {args.folds}-fold    {np.mean(scores):6.1f}   (F1 on each fold, fitted on the others)")
     weights = {f: round(float(x), 4) for f, x in zip(FEATURES, w)}
     print(json.dumps(weights))
     if args.out:

@@ -14,6 +14,10 @@ as the complete answer after the question and the evidence:
 
     log p(span, <end> | system, evidence, question)     (summed over tokens)
 
+and again with a question that asks for nothing in particular (``NULL_QUESTION``): the
+difference, the span's pointwise mutual information with the question, tells the spans
+the question makes likely from the ones the model likes anyway (short, frequent words).
+
 The prompt is encoded once and its key/value cache shared by every candidate, so
 that costs one prompt pass plus one pass over all the spans' few tokens, packed into
 one row (each span sees the prompt and itself only).
@@ -50,6 +54,11 @@ READER_SHOTS = (
     ("The Danube flows through ten countries and is about 2,850 kilometres long, the second longest river "
      "in Europe.", "How long is the Danube?", "about 2,850 kilometres"),
 )
+
+
+# The question of the "pmi" feature's reference prompt: the same context, asking for nothing in particular (the
+# domain-conditional PMI of Holtzman et al. 2021, "Surface Form Competition", with the context as the domain).
+NULL_QUESTION = "What does the context mention?"
 
 
 @dataclass
@@ -183,12 +192,15 @@ FEATURES = (
     "is_name", "is_number", "is_date",  # base rates of the kinds (phrase is the reference)
     "lm",  # the language model's log p(span + end | prompt) minus the best candidate's (0 without a model)
     "is_clause",  # a clause (only proposed for how/why/what-methods questions: text.asks_for_description)
+    # lm minus the same span's log p after the same context and NULL_QUESTION (pointwise mutual information with
+    # the question): the LM alone also rewards spans that are likely whatever was asked (short, frequent ones)
+    "pmi",
 )
 
 
 def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[float], embedder, idf,
              max_words: int = T.MAX_SPAN_WORDS) -> tuple[list[tuple[int, T.Span]], object]:
-    """Candidate spans of ``sentences`` and their feature rows (n, len(FEATURES)); ``lm`` left at 0."""
+    """Candidate spans of ``sentences`` and their feature rows (n, len(FEATURES)); ``lm`` and ``pmi`` left at 0."""
     import numpy as np
 
     qkind = T.question_kind(question)
@@ -229,7 +241,7 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
             float(T.kind_matches(qkind, sp.kind)), float(qkind is not None and not T.kind_matches(qkind, sp.kind)),
             float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
             float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
-            float(sp.kind == T.CLAUSE),
+            float(sp.kind == T.CLAUSE), 0.0,
         )
     return cands, X
 
@@ -284,12 +296,13 @@ class ExtractiveReader:
         return features(question, sentences, sentence_scores, self.embedder, self.idf, self.max_words)
 
     def scored(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
-               hint: str = "", hint_weight: float = 0.0):
+               hint: str = "", hint_weight: float = 0.0, every_column: bool = False):
         """(candidates, feature rows with the ``lm`` column filled, per-candidate bonus from ``hint``).
 
         The best ``lm_rerank`` candidates by the other features (and the bonus) get log p(span)
-        minus the best one's; the rest a value worse than any of them. This is the one place the
-        LM column is made, for answering (``read``) and for fitting (bench/fit_reader.py).
+        minus the best one's, and the same for its PMI with the question; the rest a value worse than
+        any of them. This is the one place the LM columns are made, for answering (``read``) and for
+        fitting (bench/fit_reader.py, with ``every_column``: each LM column made, even one weighted 0).
         """
         import numpy as np
 
@@ -297,16 +310,22 @@ class ExtractiveReader:
         bonus = np.zeros(len(cands), dtype=np.float32)
         if hint and hint_weight:
             bonus += hint_weight * np.array([T.token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
-        lm_col = FEATURES.index("lm")
-        if cands and self.scorer is not None and self.lm_rerank and self.w[lm_col] != 0:
+        lm_col, pmi_col = FEATURES.index("lm"), FEATURES.index("pmi")
+        wanted = every_column or self.w[lm_col] or self.w[pmi_col]
+        if cands and self.scorer is not None and self.lm_rerank and wanted:
             top = np.argsort(-(X @ self.w + bonus))[: self.lm_rerank]
+            texts = [cands[i][1].text for i in top]
             messages = reader_messages(question, sentences)
-            lps = self.scorer.score(messages, [cands[i][1].text for i in top], static_messages=len(messages) - 1)
-            best = max(lp for lp, _ in lps)
-            for i, (lp, _) in zip(top, lps):
-                X[i, lm_col] = lp - best
+            lps = np.array([lp for lp, _ in self.scorer.score(messages, texts, static_messages=len(messages) - 1)])
+            columns = [(lm_col, lps)]
+            if every_column or self.w[pmi_col]:
+                null = np.array([lp for lp, _ in self.scorer.score(reader_messages(NULL_QUESTION, sentences), texts,
+                                                                   static_messages=len(messages) - 1)])
+                columns.append((pmi_col, lps - null))
             rest = np.setdiff1d(np.arange(len(cands)), top)
-            X[rest, lm_col] = min(X[top, lm_col].min() - 1.0, -10.0)  # not reranked: worse than any reranked one
+            for col, values in columns:
+                X[top, col] = values - values.max()
+                X[rest, col] = min(X[top, col].min() - 1.0, -10.0)  # not reranked: worse than any reranked one
         return cands, X, bonus
 
     def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,

@@ -275,6 +275,49 @@ def test_lm_rerank_scores_the_best_candidates_with_the_model(tmp_path, tiny_qwen
                        reader=ReaderConfig(lm_rerank=3)).reader.scorer is None
 
 
+class PriorScorer:
+    """A SpanScorer stand-in: log p(span) is the span's prior, plus a bonus where the question names its subject."""
+
+    def __init__(self, prior: dict, conditioned: dict):
+        self.prior, self.conditioned = prior, conditioned
+        self.questions: list[str] = []
+
+    def score(self, messages, continuations, static_messages=0):
+        question = messages[-1]["content"].rsplit("Question: ", 1)[1]
+        self.questions.append(question)
+        extra = self.conditioned.get(question, {})
+        return [(self.prior.get(c, -20.0) + extra.get(c, 0.0), 2) for c in continuations]
+
+
+def test_pmi_rewards_what_the_question_adds_not_what_the_model_likes_anyway():
+    """The "pmi" column is log p(span | question) - log p(span | NULL_QUESTION), relative to the best candidate:
+    a span the model favours whatever is asked ("1773") gets no credit for it."""
+    import numpy as np
+
+    from memchat.reader import FEATURES, NULL_QUESTION, ExtractiveReader
+
+    q = "Who discovered oxygen?"
+    sentences = OXYGEN[0]
+    prior = {"1773": -1.0, "Joseph Priestley": -9.0, "Birmingham": -8.0}
+    scorer = PriorScorer(prior, {q: {"1773": 0.5, "Joseph Priestley": 6.0, "Birmingham": 1.0}})
+    only = {name: np.eye(len(FEATURES))[FEATURES.index(name)] for name in ("lm", "pmi")}
+    reader = ExtractiveReader(FakeEmbedder(), only["pmi"] + 1e-3 * only["lm"], scorer=scorer, lm_rerank=50)
+    cands, X, _ = reader.scored(q, sentences, [1.0, 0.5])
+    texts = [sp.text for _, sp in cands]
+    assert {"1773", "Joseph Priestley", "Birmingham"} <= set(texts)
+    pmi = dict(zip(texts, X[:, FEATURES.index("pmi")]))
+    assert pmi["Joseph Priestley"] == 0.0 and pmi["Birmingham"] == pytest.approx(1.0 - 6.0)
+    assert pmi["1773"] == pytest.approx(0.5 - 6.0)
+    assert scorer.questions == [q, NULL_QUESTION]  # one scoring with the question, one with the null question
+    assert reader.read(q, sentences, [1.0, 0.5]).answer == "Joseph Priestley"
+    # the LM alone picks the span it likes anyway
+    assert ExtractiveReader(FakeEmbedder(), only["lm"], scorer=scorer, lm_rerank=50).read(q, sentences, [1.0, 0.5]).answer == "1773"
+    # with no weight on pmi, no second scoring is spent
+    scorer.questions.clear()
+    ExtractiveReader(FakeEmbedder(), only["lm"], scorer=scorer, lm_rerank=50).scored(q, sentences, [1.0, 0.5])
+    assert scorer.questions == [q]
+
+
 def test_shared_prompt_prefix_is_encoded_once_and_scores_the_same(tmp_path, tiny_qwen_dir, monkeypatch):
     from memchat.generation import Generator
     from memchat.reader import SpanScorer, reader_messages
