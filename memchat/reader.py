@@ -18,9 +18,10 @@ and again with a question that asks for nothing in particular (``NULL_QUESTION``
 difference, the span's pointwise mutual information with the question, tells the spans
 the question makes likely from the ones the model likes anyway (short, frequent words).
 
-The prompt is encoded once and its key/value cache shared by every candidate, so
-that costs one prompt pass plus one pass over all the spans' few tokens, packed into
-one row (each span sees the prompt and itself only).
+The two prompts share everything up to their question: that runs once, and its key/value
+cache is shared by every candidate, so scoring costs one pass over the context plus one
+pass over both questions and all the spans' few tokens, packed into one row (each span
+sees the context, its own question and itself only).
 
 Deliberately left out: retrieval and evidence selection (``rag``), and deciding
 whether to answer at all (``rag``'s abstention uses ``Reading.confidence``).
@@ -101,13 +102,13 @@ class SpanScorer:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
     def _prompt_cache(self, prompt_ids: list[int], static: int, cache_kw: str):
-        """(cache, last logits) after ``prompt_ids``. Its first ``static`` tokens (the messages every question
-        shares; fewer than all of them) are computed once and copied; the rest runs on top of the copy."""
+        """The key/value cache after ``prompt_ids``. Its first ``static`` tokens (the messages every question
+        shares) are computed once and copied; the rest runs on top of the copy."""
         import torch
         from transformers import DynamicCache
 
         model, device = self.gen.model, self.gen.device
-        last = _last_logits_only(model)  # the prompt's other positions need no logits
+        last = _last_logits_only(model)  # no logits needed here: the packed row predicts every span's tokens
         if static and self._prefix is not None and self._prefix[0] == prompt_ids[:static]:
             cache = copy.deepcopy(self._prefix[1])
         else:
@@ -116,9 +117,10 @@ class SpanScorer:
                 model(input_ids=torch.tensor([prompt_ids[:static]], device=device), use_cache=True,
                       **{cache_kw: cache}, **last)
                 self._prefix = (prompt_ids[:static], copy.deepcopy(cache))
-        out = model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True, **{cache_kw: cache},
-                    **last)
-        return cache, out.logits[0, -1]
+        if len(prompt_ids) > static:
+            model(input_ids=torch.tensor([prompt_ids[static:]], device=device), use_cache=True, **{cache_kw: cache},
+                  **last)
+        return cache
 
     def score(self, messages, continuations: Sequence[str], static_messages: int = 0) -> list[tuple[float, int]]:
         """(sum log p(tokens + end), token count) per continuation, natural log.
@@ -126,56 +128,81 @@ class SpanScorer:
         ``static_messages``: how many leading messages are the same on every call (the system prompt and the
         worked examples); their tokens are encoded once per scorer and their cache reused.
         """
+        return self.score_prompts([messages], continuations, static_messages)[0]
+
+    def score_prompts(self, prompts: Sequence, continuations: Sequence[str],
+                      static_messages: int = 0) -> list[list[tuple[float, int]]]:
+        """``score`` for each of several prompts (message lists) that share their beginning, in one pass.
+
+        The prompts' common tokens (the worked examples and the context) run once. Then every prompt's own
+        remaining tokens (its question) and each continuation after it go in ONE row: a block-diagonal causal
+        mask lets each continuation see the common prefix, its own prompt's tail and its own earlier tokens only,
+        at the positions it would have alone. No padding and no per-candidate copy of the cache.
+        """
         import torch
 
         from .generation import _cache_keyword, _eval_mode, format_chat
 
         gen = self.gen
-        prompt_ids = gen._encode(gen.format_prompt(messages))
+        encoded = [gen._encode(gen.format_prompt(m)) for m in prompts]
+        shortest = min(len(ids) for ids in encoded)
+        common = 0  # every prompt keeps at least one token of its own: its last position predicts a span's first
+        while common < shortest - 1 and all(ids[common] == encoded[0][common] for ids in encoded):
+            common += 1
         static = 0
         if static_messages:
-            head = gen._encode(format_chat(gen.tokenizer, messages[:static_messages], add_generation_prompt=False))
+            head = gen._encode(format_chat(gen.tokenizer, prompts[0][:static_messages], add_generation_prompt=False))
             # The chat template renders each message on its own, so the shared messages' tokens are a prefix of
             # the whole prompt's. A template that breaks that gets everything encoded each time.
-            static = len(head) if len(head) < len(prompt_ids) and prompt_ids[: len(head)] == head else 0
+            static = len(head) if len(head) <= common and encoded[0][: len(head)] == head else 0
         conts = [self.encode_continuation(c) + [self.end_id] for c in continuations]
-        out: list[tuple[float, int]] = [(-math.inf, 0)] * len(conts)
         if not conts:
-            return out
+            return [[] for _ in prompts]
+        # The packed row: per prompt, its tail, then each continuation but its last token. Each piece is
+        # (tokens, first position, the earlier pieces it may see).
+        pieces: list[tuple[list[int], int, int | None]] = []  # (tokens, position of the first, index of its tail)
+        for ids in encoded:
+            tail_index = len(pieces)
+            pieces.append((ids[common:], common, None))
+            pieces += [(c[:-1], len(ids), tail_index) for c in conts]
+        starts, at = [], 0
+        for tokens, _, _ in pieces:
+            starts.append(at)
+            at += len(tokens)
+        width = at
         model = gen.model
         cache_kw = _cache_keyword(model)
         with _eval_mode(model), torch.inference_mode():
-            cache, last_logits = self._prompt_cache(prompt_ids, static, cache_kw)
-            first_lp = torch.log_softmax(last_logits.float(), dim=-1)  # (V,)
-            totals = [float(first_lp[c[0]]) for c in conts]
-            # Every continuation's tokens but its last, packed into ONE row after the prompt: each attends to the
-            # prompt and to its own earlier tokens only (a block-diagonal causal mask), at the positions it would
-            # have alone. No padding and no per-candidate copy of the prompt's cache.
-            fed = [c[:-1] for c in conts]
-            width = sum(len(f) for f in fed)
-            if width:
-                n_prompt = len(prompt_ids)
-                ids = torch.tensor([[t for f in fed for t in f]], dtype=torch.long, device=gen.device)
-                positions = torch.tensor([[n_prompt + j for f in fed for j in range(len(f))]], device=gen.device)
-                dtype = next(model.parameters()).dtype
-                allowed = torch.zeros((width, n_prompt + width), dtype=torch.bool)
-                allowed[:, :n_prompt] = True
-                at = 0
-                for f in fed:
-                    k = len(f)
-                    allowed[at : at + k, n_prompt + at : n_prompt + at + k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
-                    at += k
-                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-                logits = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].to(gen.device),
-                               use_cache=True, **{cache_kw: cache}).logits[0]
-                lps = torch.log_softmax(logits.float(), dim=-1)  # (width, V): row t predicts the token after t
-                at = 0
-                for i, (c, f) in enumerate(zip(conts, fed)):
-                    if f:
+            cache = self._prompt_cache(encoded[0][:common], static, cache_kw)
+            ids = torch.tensor([[t for tokens, _, _ in pieces for t in tokens]], dtype=torch.long, device=gen.device)
+            positions = torch.tensor([[first + j for tokens, first, _ in pieces for j in range(len(tokens))]],
+                                     device=gen.device)
+            allowed = torch.zeros((width, common + width), dtype=torch.bool)
+            allowed[:, :common] = True
+            for n, (tokens, _, tail) in enumerate(pieces):
+                k, a = len(tokens), starts[n]
+                allowed[a : a + k, common + a : common + a + k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
+                if tail is not None:
+                    t0, tk = starts[tail], len(pieces[tail][0])
+                    allowed[a : a + k, common + t0 : common + t0 + tk] = True
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            logits = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None].to(gen.device),
+                           use_cache=True, **{cache_kw: cache}).logits[0]
+            lps = torch.log_softmax(logits.float(), dim=-1)  # (width, V): row t predicts the token after t
+            out = []
+            for p, ids_p in enumerate(encoded):
+                tail = p * (1 + len(conts))
+                last = starts[tail] + len(pieces[tail][0]) - 1  # the prompt's last token predicts the first
+                row = []
+                for i, c in enumerate(conts):
+                    n = tail + 1 + i
+                    total = float(lps[last, c[0]])
+                    if len(c) > 1:
                         tgt = torch.tensor(c[1:], device=lps.device)
-                        totals[i] += float(lps[at : at + len(f)].gather(1, tgt[:, None]).sum())
-                    at += len(f)
-            out = [(t, len(c)) for t, c in zip(totals, conts)]
+                        total += float(lps[starts[n] : starts[n] + len(c) - 1].gather(1, tgt[:, None]).sum())
+                    row.append((total, len(c)))
+                out.append(row)
         return out
 
 
@@ -316,12 +343,14 @@ class ExtractiveReader:
             top = np.argsort(-(X @ self.w + bonus))[: self.lm_rerank]
             texts = [cands[i][1].text for i in top]
             messages = reader_messages(question, sentences)
-            lps = np.array([lp for lp, _ in self.scorer.score(messages, texts, static_messages=len(messages) - 1)])
-            columns = [(lm_col, lps)]
+            prompts = [messages]
             if every_column or self.w[pmi_col]:
-                null = np.array([lp for lp, _ in self.scorer.score(reader_messages(NULL_QUESTION, sentences), texts,
-                                                                   static_messages=len(messages) - 1)])
-                columns.append((pmi_col, lps - null))
+                prompts.append(reader_messages(NULL_QUESTION, sentences))  # the same context: scored in one pass
+            scores = self.scorer.score_prompts(prompts, texts, static_messages=len(messages) - 1)
+            lps = np.array([lp for lp, _ in scores[0]])
+            columns = [(lm_col, lps)]
+            if len(scores) > 1:
+                columns.append((pmi_col, lps - np.array([lp for lp, _ in scores[1]])))
             rest = np.setdiff1d(np.arange(len(cands)), top)
             for col, values in columns:
                 X[top, col] = values - values.max()

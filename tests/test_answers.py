@@ -282,11 +282,14 @@ class PriorScorer:
         self.prior, self.conditioned = prior, conditioned
         self.questions: list[str] = []
 
-    def score(self, messages, continuations, static_messages=0):
-        question = messages[-1]["content"].rsplit("Question: ", 1)[1]
-        self.questions.append(question)
-        extra = self.conditioned.get(question, {})
-        return [(self.prior.get(c, -20.0) + extra.get(c, 0.0), 2) for c in continuations]
+    def score_prompts(self, prompts, continuations, static_messages=0):
+        out = []
+        for messages in prompts:
+            question = messages[-1]["content"].rsplit("Question: ", 1)[1]
+            self.questions.append(question)
+            extra = self.conditioned.get(question, {})
+            out.append([(self.prior.get(c, -20.0) + extra.get(c, 0.0), 2) for c in continuations])
+        return out
 
 
 def test_pmi_rewards_what_the_question_adds_not_what_the_model_likes_anyway():
@@ -351,26 +354,31 @@ def test_shared_prompt_prefix_is_encoded_once_and_scores_the_same(tmp_path, tiny
 @pytest.mark.parametrize("model", ["tiny_qwen_dir", "tiny_gpt2_dir"])
 def test_packed_spans_score_as_each_span_alone(model, request):
     """All spans in one row after the prompt (block-diagonal mask, their own positions) give the log-probabilities
-    of running prompt + span + end as one sequence, span by span, with no cache."""
+    of running prompt + span + end as one sequence, span by span, with no cache; also for two prompts that share
+    their context, packed together."""
     import torch
 
     from memchat.generation import Generator
-    from memchat.reader import SpanScorer, reader_messages
+    from memchat.reader import NULL_QUESTION, SpanScorer, reader_messages
 
     gen = Generator(str(request.getfixturevalue(model)))
     scorer = SpanScorer(gen)
     messages = reader_messages("Who discovered oxygen?", OXYGEN[0])
     messages = [messages[0], messages[-1]]  # no worked examples: the tiny GPT-2 has 512 positions
     spans = ["Joseph Priestley", "1773", "the chemist Joseph Priestley in Birmingham", "air", "Birmingham"]
-    packed = scorer.score(messages, spans, static_messages=1)
-    prompt = gen._encode(gen.format_prompt(messages))
-    for span, (lp, n) in zip(spans, packed):
-        cont = scorer.encode_continuation(span) + [scorer.end_id]
-        with torch.inference_mode():
-            logits = gen.model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
-        lps = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-        alone = float(lps.gather(1, torch.tensor(cont)[:, None]).sum())
-        assert n == len(cont) and lp == pytest.approx(alone, abs=1e-3)
+    null = [messages[0], reader_messages(NULL_QUESTION, OXYGEN[0])[-1]]  # the same context, another question
+    assert scorer.score(messages, spans, static_messages=1) == scorer.score_prompts([messages], spans, 1)[0]
+    both = scorer.score_prompts([messages, null], spans, static_messages=1)  # the context once, both questions
+    for msgs, packed in zip([messages, null], both):
+        prompt = gen._encode(gen.format_prompt(msgs))
+        for span, (lp, n) in zip(spans, packed):
+            cont = scorer.encode_continuation(span) + [scorer.end_id]
+            with torch.inference_mode():
+                logits = gen.model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+            lps = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+            alone = float(lps.gather(1, torch.tensor(cont)[:, None]).sum())
+            assert n == len(cont) and lp == pytest.approx(alone, abs=1e-3)
+    assert [lp for lp, _ in both[0]] != pytest.approx([lp for lp, _ in both[1]], abs=1e-3)  # the question counts
     assert len({round(lp, 4) for lp, _ in packed}) == len(spans)  # distinct spans, distinct scores
 
 
