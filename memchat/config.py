@@ -213,8 +213,8 @@ class ReaderConfig:
                       -0.7596, 0.1351, -1.0718, 0.0996)
     # The best N candidates (by the other features) are also scored by the language model, log p(span + end |
     # prompt), as the "lm" feature, and after the question-free prompt ("pmi"). 24 keeps 98% of the candidates'
-    # oracle F1 on squad2 (8 kept 84%) and costs two prompt passes plus two packed passes over 24 short spans.
-    # 0 = off (no LM).
+    # oracle F1 on squad2 (8 kept 84%) and costs one pass over the context plus one packed pass over both
+    # questions and the 24 short spans after each (SpanScorer.score_prompts). 0 = off (no LM).
     lm_rerank: int = 24
 
 

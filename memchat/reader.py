@@ -159,8 +159,8 @@ class SpanScorer:
         if not conts:
             return [[] for _ in prompts]
         # The packed row: per prompt, its tail, then each continuation but its last token. Each piece is
-        # (tokens, first position, the earlier pieces it may see).
-        pieces: list[tuple[list[int], int, int | None]] = []  # (tokens, position of the first, index of its tail)
+        # (tokens, position of the first, index of the prompt tail it sees: None for a tail itself).
+        pieces: list[tuple[list[int], int, int | None]] = []
         for ids in encoded:
             tail_index = len(pieces)
             pieces.append((ids[common:], common, None))
@@ -191,7 +191,7 @@ class SpanScorer:
                            use_cache=True, **{cache_kw: cache}).logits[0]
             lps = torch.log_softmax(logits.float(), dim=-1)  # (width, V): row t predicts the token after t
             out = []
-            for p, ids_p in enumerate(encoded):
+            for p in range(len(encoded)):
                 tail = p * (1 + len(conts))
                 last = starts[tail] + len(pieces[tail][0]) - 1  # the prompt's last token predicts the first
                 row = []
@@ -338,18 +338,18 @@ class ExtractiveReader:
         if hint and hint_weight:
             bonus += hint_weight * np.array([T.token_f1(sp.text, [hint]) for _, sp in cands], dtype=np.float32)
         lm_col, pmi_col = FEATURES.index("lm"), FEATURES.index("pmi")
-        wanted = every_column or self.w[lm_col] or self.w[pmi_col]
-        if cands and self.scorer is not None and self.lm_rerank and wanted:
+        want_pmi = bool(every_column or self.w[pmi_col])
+        if cands and self.scorer is not None and self.lm_rerank and (want_pmi or self.w[lm_col]):
             top = np.argsort(-(X @ self.w + bonus))[: self.lm_rerank]
             texts = [cands[i][1].text for i in top]
             messages = reader_messages(question, sentences)
             prompts = [messages]
-            if every_column or self.w[pmi_col]:
+            if want_pmi:
                 prompts.append(reader_messages(NULL_QUESTION, sentences))  # the same context: scored in one pass
             scores = self.scorer.score_prompts(prompts, texts, static_messages=len(messages) - 1)
             lps = np.array([lp for lp, _ in scores[0]])
             columns = [(lm_col, lps)]
-            if len(scores) > 1:
+            if want_pmi:
                 columns.append((pmi_col, lps - np.array([lp for lp, _ in scores[1]])))
             rest = np.setdiff1d(np.arange(len(cands)), top)
             for col, values in columns:
