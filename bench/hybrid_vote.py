@@ -1,0 +1,106 @@
+"""How much should the fine-tuned model's draft move the extractive reader? The hybrid's vote, swept.
+
+    .venv/bin/python bench/hybrid_vote.py --home /tmp/ksq --questions ../shared/data/qa_dev_squad2/qa.jsonl
+
+``--home``: a MEMCHAT_HOME holding the set's store and a fine-tuned model in ``models/full``, as
+``bench/knowledge.py`` leaves it. Each question is drafted once (greedy, as ``memchat.hybrid`` does), retrieved
+the RAG way (the question) and the hybrid way (question and question + draft, fused), and its candidate spans
+are scored once. Then, for each value of ``DRAFT_VOTE``, the span the hybrid would choose: the reader's score
+plus vote x ``draft_trust`` x the span's token F1 with the draft. The baseline in the same run is RAG: plain
+retrieval, no vote.
+
+One approximation: the reader's LM columns are made once, for the 24 spans best by the reader's score plus the
+largest vote's bonus, so every span a draft could lift is LM-scored; at a smaller vote the answer path would
+LM-score the best 24 by that smaller bonus instead. Abstentions count as empty answers (F1 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", required=True, help="MEMCHAT_HOME with the store and models/full")
+    p.add_argument("--questions", required=True, help="qa.jsonl of the set whose PDFs are in the store")
+    p.add_argument("--model-dir", default="", help="the fine-tuned model (default: HOME/models/full)")
+    p.add_argument("--votes", default="0,1,2,2.5,3,4,6,8", help="DRAFT_VOTE values to try")
+    p.add_argument("--limit", type=int, default=0, help="first N questions")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["MEMCHAT_HOME"] = args.home
+
+    from memchat.evaluate import EvalConfig, build_systems, load_questions
+    from memchat.hybrid import DRAFT_VOTE, draft_trust
+    from memchat.rag import ANSWERED
+    from memchat.text import contains_gold, token_f1
+
+    questions = load_questions(args.questions, limit=args.limit)
+    model_dir = Path(args.model_dir or Path(args.home) / "models" / "full")
+    systems, _, _ = build_systems(EvalConfig(systems=("hybrid",)), model_dir=model_dir)
+    hybrid = systems[0].hybrid
+    rag, reader = hybrid.rag, hybrid.rag.reader
+    trust = draft_trust(hybrid.chat)
+    votes = [float(v) for v in args.votes.split(",")]
+    print(f"{len(questions)} questions, {model_dir}, draft_trust {trust:.3f}, DRAFT_VOTE now {DRAFT_VOTE}",
+          file=sys.stderr)
+    drafts = hybrid.drafts([q.question for q in questions])
+    widest = max(votes) * trust
+
+    def read(question: str, hits, draft: str):
+        evidence = rag.select_evidence(question, hits)
+        if rag.start(question, hits, evidence, {}, "extractive").status != ANSWERED:
+            return None
+        ev = evidence[: rag.cfg.reader_sentences]
+        cands, X, bonus = reader.scored(question, [e.sentence for e in ev], [e.score for e in ev], hint=draft,
+                                        hint_weight=widest or 1.0)
+        return [sp.text for _, sp in cands], X @ reader.w, bonus / (widest or 1.0)  # bonus / weight: token F1
+
+    def choose(read_out, weight: float) -> str:
+        if read_out is None or not read_out[0]:
+            return ""
+        texts, base, f1 = read_out
+        return texts[int(np.argmax(base + weight * f1))]
+
+    rows = []
+    for i, (q, d) in enumerate(zip(questions, drafts), 1):
+        plain = read(q.question, rag.retrieve(q.question, rag.cfg.top_k), d)
+        fused = read(q.question, hybrid.retrieve(q.question, d), d)
+        rows.append((q, d, plain, fused))
+        if i % 20 == 0:
+            print(f"  {i}/{len(questions)}", file=sys.stderr)
+
+    def score(texts):
+        f1 = 100 * np.mean([token_f1(t, q.answers) for t, (q, *_) in zip(texts, rows)])
+        cont = 100 * np.mean([contains_gold(t, q.answers) for t, (q, *_) in zip(texts, rows)])
+        return f1, cont
+
+    rag_f1, rag_cont = score([choose(plain, 0.0) for _, _, plain, _ in rows])
+    draft_f1, draft_cont = score([d for _, d, _, _ in rows])
+    print(f"\n{args.questions}: RAG (no draft) F1 {rag_f1:.1f} contains {rag_cont:.1f}; the drafts alone "
+          f"(closed-book) F1 {draft_f1:.1f} contains {draft_cont:.1f}")
+    print(f"{'DRAFT_VOTE':>10s} {'bonus at F1 1':>13s} {'hybrid F1':>9s} {'contains':>8s} {'vs RAG':>7s}")
+    for v in votes:
+        f1, cont = score([choose(fused, v * trust) for _, _, _, fused in rows])
+        mark = "  <- now" if v == DRAFT_VOTE else ""
+        print(f"{v:10.2f} {v * trust:13.2f} {f1:9.1f} {cont:8.1f} {f1 - rag_f1:+7.1f}{mark}")
+    # Drafts that match a candidate span exactly: are they right where the reader is not?
+    exact = [(q, d, plain) for q, d, plain, _ in rows if plain and len(plain[2]) and plain[2].max() >= 0.99]
+    if exact:
+        reader_f1 = 100 * np.mean([token_f1(choose(pl, 0.0), q.answers) for q, _, pl in exact])
+        matched_f1 = 100 * np.mean([token_f1(pl[0][int(np.argmax(pl[2]))], q.answers) for q, _, pl in exact])
+        print(f"\ndrafts matching a span exactly: {len(exact)} of {len(rows)}; that span's F1 {matched_f1:.1f}, "
+              f"the reader's own pick's {reader_f1:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
