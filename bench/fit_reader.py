@@ -12,6 +12,10 @@ sets' questions (``--folds``). The oracle row is the best
 candidate's F1 (the ceiling that candidate generation allows).
 
 The fitted weights printed at the end are what ``config.ReaderConfig.weights`` holds.
+
+Trying other fits without scoring again: ``--dump rows.json`` once, then
+``--from-dump rows.json --objective expected_f1`` (or ``--train qa_dev,squad2``, ``--l2 0.1``) in seconds.
+``--confidence-curve`` prints what abstaining below a reader confidence would trade on each set.
 """
 
 from __future__ import annotations
@@ -53,26 +57,100 @@ def collect(name: str, folder: Path, rag, reader, limit: int) -> list[dict]:
     return rows
 
 
-def fit(rows: list[dict], n_features: int, l2: float = 0.01, steps: int = 3000, lr: float = 0.1) -> np.ndarray:
-    """Conditional logit: maximise sum log softmax(X w)[best-F1 candidate] (questions whose best F1 >= 0.5)."""
-    data = [(r["X"], int(np.argmax(r["f1"]))) for r in rows if len(r["f1"]) and r["f1"].max() >= 0.5]
-    mu = np.mean(np.vstack([x for x, _ in data]), axis=0)
-    sd = np.std(np.vstack([x for x, _ in data]), axis=0) + 1e-6
-    w = np.zeros(n_features)
-    m = np.zeros(n_features)
-    v = np.zeros(n_features)
-    for step in range(1, steps + 1):  # Adam on standardised features
-        g = l2 * w
-        for x, y in data:
-            z = (x - mu) / sd
-            s = z @ w
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            g -= (z[y] - p @ z) / len(data)
+OBJECTIVES = ("best", "soft", "expected_f1")
+
+
+def pack(rows: list[dict]):
+    """Questions with candidates as padded arrays: features (q, n, f), mask (q, n), F1 (q, n)."""
+    rows = [r for r in rows if len(r["f1"])]
+    n, f = max(len(r["f1"]) for r in rows), rows[0]["X"].shape[1]
+    X, M, Y = np.zeros((len(rows), n, f)), np.zeros((len(rows), n), bool), np.zeros((len(rows), n))
+    for i, r in enumerate(rows):
+        k = len(r["f1"])
+        X[i, :k], M[i, :k], Y[i, :k] = r["X"], True, r["f1"]
+    return X, M, Y
+
+
+def fit(rows: list[dict], n_features: int, l2: float = 0.01, steps: int = 3000, lr: float = 0.1,
+        objective: str = "best") -> np.ndarray:
+    """Conditional logit over each question's candidates (softmax of X w), Adam on standardised features.
+
+    best         maximise log p(the best-F1 candidate), questions whose best F1 >= 0.5 (the default);
+    soft         the same with the target spread over the candidates in proportion to F1 squared;
+    expected_f1  maximise the expected F1 of the pick, sum p x F1, on every question.
+    """
+    X, M, Y = pack(rows)
+    flat = X[M]
+    mu, sd = flat.mean(0), flat.std(0) + 1e-6
+    Z = np.where(M[..., None], (X - mu) / sd, 0.0)
+    if objective in ("best", "soft"):
+        keep = Y.max(1) >= 0.5
+        Z, M, Y = Z[keep], M[keep], Y[keep]
+        if objective == "best":
+            T = np.zeros_like(Y)
+            T[np.arange(len(Y)), Y.argmax(1)] = 1.0
+        else:
+            T = np.where(M, Y, 0.0) ** 2
+            T /= T.sum(1, keepdims=True)
+    w, m, v = np.zeros(n_features), np.zeros(n_features), np.zeros(n_features)
+    for step in range(1, steps + 1):
+        s = np.where(M, Z @ w, -1e9)
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        if objective == "expected_f1":
+            g = -np.einsum("qn,qnf->f", p * (Y - (p * Y).sum(1, keepdims=True)), Z) / len(Z)
+        else:
+            g = -np.einsum("qn,qnf->f", T - p, Z) / len(Z)
+        g += l2 * w
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g * g
         w -= lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
     return w / sd  # back to raw feature units (the constant shift does not change an argmax)
+
+
+def misses(rows: list[dict], w: np.ndarray) -> str:
+    """Where the pick (F1 < 0.5) went wrong: a good candidate (F1 >= 0.5) in the chosen sentence, in another, or none."""
+    same = other = none = wrong = 0
+    for r in rows:
+        if not len(r["f1"]):
+            wrong, none = wrong + 1, none + 1
+            continue
+        i, b = int(np.argmax(r["X"] @ w)), int(np.argmax(r["f1"]))
+        if r["f1"][i] >= 0.5:
+            continue
+        wrong += 1
+        if r["f1"][b] < 0.5:
+            none += 1
+        elif r["si"][i] == r["si"][b]:
+            same += 1
+        else:
+            other += 1
+    return (f"{wrong} of {len(rows)} picks score F1 < 0.5: a good candidate in the chosen sentence {same}, "
+            f"in another sentence {other}, none {none}")
+
+
+def confidence_curve(rows: list[dict], w: np.ndarray, taus=(0.1, 0.15, 0.2, 0.25, 0.3)) -> list[str]:
+    """What abstaining below a confidence (the pick's softmax probability) would trade: answered, F1, wrong+conf."""
+    from memchat.evaluate import WRONG_F1
+
+    conf, f1 = [], []
+    for r in rows:
+        if not len(r["f1"]):
+            conf.append(0.0)
+            f1.append(0.0)
+            continue
+        s = r["X"] @ w
+        p = np.exp(s - s.max())
+        conf.append(float(p.max() / p.sum()))
+        f1.append(float(r["f1"][int(np.argmax(s))]))
+    conf, f1 = np.array(conf), np.array(f1)
+    out = []
+    for tau in taus:
+        ans = conf >= tau
+        out.append(f"p >= {tau:.2f}: answered {100 * ans.mean():5.1f}%, F1 {100 * np.where(ans, f1, 0).mean():5.1f}, "
+                   f"wrong+conf {100 * (ans & (f1 < WRONG_F1)).mean():5.1f}%, F1 of the withheld "
+                   f"{100 * f1[~ans].mean() if (~ans).any() else 0:5.1f}")
+    return out
 
 
 def quality(rows: list[dict], w: np.ndarray) -> tuple[float, float, float]:
@@ -96,6 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="write the weights as JSON here")
     p.add_argument("--folds", type=int, default=2, help="also report a k-fold split of the training sets (0 = off)")
     p.add_argument("--dump", default="", help="write every question's candidates and features as JSON here")
+    p.add_argument("--from-dump", default="", help="read the candidates and features from a --dump file instead "
+                   "of ingesting and scoring (seconds, not minutes: for trying objectives)")
+    p.add_argument("--objective", default="best", choices=OBJECTIVES, help="what the fit maximises (see fit())")
+    p.add_argument("--l2", type=float, default=0.01, help="L2 penalty on the standardised weights")
+    p.add_argument("--confidence-curve", action="store_true",
+                   help="also print what abstaining below a confidence would trade, per set")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,21 +188,32 @@ def main(argv=None) -> int:
     from memchat.rag import RAGPipeline, build_reader
     from memchat.reader import FEATURES
 
-    generator = None
-    if args.lm_rerank:
-        from memchat.generation import Generator
-
-        generator = Generator(GenerationConfig.model_name)
     rows: list[dict] = []
-    for name in args.sets.split(","):
-        home = tempfile.mkdtemp(prefix=f"memchat-fit-{name}-")
-        kb = KnowledgeBase(Path(home) / "store")
-        kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
-        rag = RAGPipeline(kb, generator, rag=RAGConfig())
-        reader = build_reader(kb.embedder(), generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
-        rows += collect(name, SETS[name], rag, reader, args.limit)
+    if args.from_dump:
+        rows = [{**r, "X": np.asarray(r["X"], dtype=np.float64).reshape(-1, len(FEATURES)), "f1": np.asarray(r["f1"]),
+                 "cont": np.asarray(r["cont"])} for r in json.loads(Path(args.from_dump).read_text())]
+        rows = [r for r in rows if r["set"] in args.sets.split(",")]
+        lm_cols = [FEATURES.index("lm"), FEATURES.index("pmi")]
+        args.lm_rerank = int(any(np.any(r["X"][:, lm_cols]) for r in rows if len(r["f1"])))  # made with the LM?
+    else:
+        generator = None
+        if args.lm_rerank:
+            from memchat.generation import Generator
+
+            generator = Generator(GenerationConfig.model_name)
+        for name in args.sets.split(","):
+            home = tempfile.mkdtemp(prefix=f"memchat-fit-{name}-")
+            kb = KnowledgeBase(Path(home) / "store")
+            kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
+            rag = RAGPipeline(kb, generator, rag=RAGConfig())
+            reader = build_reader(kb.embedder(), generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
+            rows += collect(name, SETS[name], rag, reader, args.limit)
     train = [r for r in rows if r["set"] in args.train.split(",")]
-    w = fit(train, len(FEATURES))
+
+    def fit_on(part):
+        return fit(part, len(FEATURES), l2=args.l2, objective=args.objective)
+
+    w = fit_on(train)
     if not args.lm_rerank:
         w[[FEATURES.index("lm"), FEATURES.index("pmi")]] = 0.0
     print(f"{'set':8s} {'role':9s} {'F1':>6s} {'contains':>9s} {'oracle F1':>10s}   (current ReaderConfig: F1 / contains)")
@@ -129,10 +224,16 @@ def main(argv=None) -> int:
         f1c, contc, _ = quality(part, cur)
         role = "train" if name in args.train.split(",") else "held-out"
         print(f"{name:8s} {role:9s} {f1:6.1f} {cont:9.1f} {oracle:10.1f}   ({f1c:.1f} / {contc:.1f})")
+        print(f"{'':18s} {misses(part, w)}")
     if args.folds > 1:  # the training sets' questions dealt into k folds: each fold scored by a fit on the others
-        scores = [quality(train[k :: args.folds], fit([r for i, r in enumerate(train) if i % args.folds != k],
-                                                      len(FEATURES)))[0] for k in range(args.folds)]
+        scores = [quality(train[k :: args.folds], fit_on([r for i, r in enumerate(train) if i % args.folds != k]))[0]
+                  for k in range(args.folds)]
         print(f"{args.train:8s} {args.folds}-fold    {np.mean(scores):6.1f}   (F1 on each fold, fitted on the others)")
+    if args.confidence_curve:
+        for name in args.sets.split(","):
+            print(f"{name}: abstaining below a confidence, with these weights")
+            for line in confidence_curve([r for r in rows if r["set"] == name], w):
+                print("  " + line)
     weights = {f: round(float(x), 4) for f, x in zip(FEATURES, w)}
     print(json.dumps(weights))
     if args.out:
