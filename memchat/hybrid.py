@@ -51,10 +51,10 @@ VERIFY_EVIDENCE = 4  # evidence sentences a draft's words are checked against
 # documents perfectly; scaled by the model's own measured knowledge (draft_trust). The bonus is added to the
 # reader's scores, which are log-odds (a conditional logit), so a model with probe F1 40 adds 1.0: a span its draft
 # matches gets e times the odds. That settles near-ties and cannot overturn a clear reading. Measured
-# (bench/hybrid_vote.py, two SmolLM2-135M models): the drafts that match a span exactly are right about half the
+# (bench/hybrid_vote.py, three SmolLM2-135M models): the drafts that match a span exactly are right about half the
 # time, and mostly where the reader is right already. A vote of 8 cost 3.9 F1 against RAG on qa_dev_squad2 (a model
-# of closed-book F1 18) and gained 4.8 on qa_dev (F1 30); over both sets' 231 questions 2 to 2.5 was best, with the
-# hybrid at or above RAG on each.
+# of closed-book F1 18) and gained 4.7 on qa_dev (F1 30). The probe cannot tell such models apart (knowledge F1 38
+# and 42), so the vote is the one whose worst case over the three was smallest: -1.5 F1, where 8 risks -3.9.
 DRAFT_VOTE = 2.5
 UNMEASURED_TRUST = 0.25  # a model without a knowledge measurement (made elsewhere) gets a modest say
 
