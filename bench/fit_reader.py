@@ -189,12 +189,13 @@ def main(argv=None) -> int:
     from memchat.reader import FEATURES
 
     rows: list[dict] = []
+    lm_scored = bool(args.lm_rerank)
     if args.from_dump:
         rows = [{**r, "X": np.asarray(r["X"], dtype=np.float64).reshape(-1, len(FEATURES)), "f1": np.asarray(r["f1"]),
                  "cont": np.asarray(r["cont"])} for r in json.loads(Path(args.from_dump).read_text())]
         rows = [r for r in rows if r["set"] in args.sets.split(",")]
         lm_cols = [FEATURES.index("lm"), FEATURES.index("pmi")]
-        args.lm_rerank = int(any(np.any(r["X"][:, lm_cols]) for r in rows if len(r["f1"])))  # made with the LM?
+        lm_scored = any(np.any(r["X"][:, lm_cols]) for r in rows if len(r["f1"]))  # was the dump made with the LM?
     else:
         generator = None
         if args.lm_rerank:
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
         return fit(part, len(FEATURES), l2=args.l2, objective=args.objective)
 
     w = fit_on(train)
-    if not args.lm_rerank:
+    if not lm_scored:
         w[[FEATURES.index("lm"), FEATURES.index("pmi")]] = 0.0
     print(f"{'set':8s} {'role':9s} {'F1':>6s} {'contains':>9s} {'oracle F1':>10s}   (current ReaderConfig: F1 / contains)")
     cur = np.asarray(ReaderConfig().weights)

@@ -61,8 +61,8 @@ def main(argv=None) -> int:
             return None
         ev = evidence[: rag.cfg.reader_sentences]
         cands, X, bonus = reader.scored(question, [e.sentence for e in ev], [e.score for e in ev], hint=draft,
-                                        hint_weight=widest or 1.0)
-        return [sp.text for _, sp in cands], X @ reader.w, bonus / (widest or 1.0)  # bonus / weight: token F1
+                                        hint_weight=widest)
+        return [sp.text for _, sp in cands], X @ reader.w, bonus / widest if widest else bonus  # token F1 (0: no vote)
 
     def choose(read_out, weight: float) -> str:
         if read_out is None or not read_out[0]:

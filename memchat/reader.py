@@ -161,10 +161,11 @@ class SpanScorer:
         # The packed row: per prompt, its tail, then each continuation but its last token. Each piece is
         # (tokens, position of the first, index of the prompt tail it sees: None for a tail itself).
         pieces: list[tuple[list[int], int, int | None]] = []
+        tails = []  # per prompt, the index of its tail piece; its continuations follow it
         for ids in encoded:
-            tail_index = len(pieces)
+            tails.append(len(pieces))
             pieces.append((ids[common:], common, None))
-            pieces += [(c[:-1], len(ids), tail_index) for c in conts]
+            pieces += [(c[:-1], len(ids), tails[-1]) for c in conts]
         starts, at = [], 0
         for tokens, _, _ in pieces:
             starts.append(at)
@@ -191,8 +192,7 @@ class SpanScorer:
                            use_cache=True, **{cache_kw: cache}).logits[0]
             lps = torch.log_softmax(logits.float(), dim=-1)  # (width, V): row t predicts the token after t
             out = []
-            for p in range(len(encoded)):
-                tail = p * (1 + len(conts))
+            for tail in tails:
                 last = starts[tail] + len(pieces[tail][0]) - 1  # the prompt's last token predicts the first
                 row = []
                 for i, c in enumerate(conts):
