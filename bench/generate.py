@@ -28,7 +28,10 @@ before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
                        writing answers and paraphrases (the path before small models got
                        sentence answers and framings without those stages): seconds per
                        chunk, questions kept per chunk, seconds by stage, and whether the
-                       records are the same, in one run.
+                       records are the same, in one run. That run uses --baseline-dtype
+                       (float32, the CPU dtype before); where today's dtype differs (bf16 on
+                       a CPU with bf16 instructions) today's path also runs in it, so each
+                       change's share is its own row.
   4. shared prefix     a chunk's answer stage, --pairs questions per chunk on
                        --prefix-chunks chunks, three ways: today's prompts (each
                        question with its own best sentences of the chunk), the whole
@@ -284,10 +287,27 @@ def part_engine(kb, embedder, chunks: int, args, tmp: Path) -> dict:
                 server.kill()
 
 
+def load_generator(model: str, dtype: str):
+    """A second Generator of ``model`` in ``dtype`` (memchat.device reads MEMCHAT_DTYPE), the variable restored."""
+    from memchat.generation import Generator
+
+    saved = os.environ.get("MEMCHAT_DTYPE")
+    os.environ["MEMCHAT_DTYPE"] = dtype
+    try:
+        return Generator(model)
+    finally:
+        if saved is None:
+            os.environ.pop("MEMCHAT_DTYPE", None)
+        else:
+            os.environ["MEMCHAT_DTYPE"] = saved
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model", default="bundled", help="generation model (default: the bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--pdfs", default=None, metavar="DIR",
+                   help="the PDFs to put in the store (default: ../shared/data/qa_dev/pdfs)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 avoids "
@@ -305,6 +325,10 @@ def main(argv=None) -> int:
                    help="do not run part 2 a second time with the model writing answers and paraphrases "
                         "(answer_writer and paraphrase_writer 'model': the path before; by default both run and are "
                         "compared)")
+    g.add_argument("--baseline-dtype", default="float32",
+                   help="dtype of the run with the model writing answers and paraphrases (default float32: the CPU "
+                        "dtype before memchat.device chose bf16 on CPUs with bf16 instructions). When today's dtype "
+                        "differs, today's path also runs in this dtype, so the table shows what each change buys")
     g.add_argument("--share-prefix", action="store_true",
                    help="run part 2 a second time with generate(share_prefix=True) on every call (today's prompts)")
     g = p.add_argument_group("part 4: shared prefix")
@@ -334,9 +358,10 @@ def main(argv=None) -> int:
         os.environ["MEMCHAT_HOME"] = tmp
         for k in ("MEMCHAT_KEY", "MEMCHAT_PASSPHRASE", "MEMCHAT_STORAGE_DIR"):
             os.environ.pop(k, None)
-        say(f"building a knowledge base from {len(QA_PDFS)} qa_dev PDFs ...")
+        pdfs = sorted(Path(args.pdfs).glob("*.pdf")) if args.pdfs else QA_PDFS
+        say(f"building a knowledge base from {len(pdfs)} PDFs of {pdfs[0].parent if pdfs else args.pdfs} ...")
         kb = KnowledgeBase()
-        kb.add_documents(QA_PDFS)
+        kb.add_documents(pdfs)
         chunks = kb.chunks()
         embedder = kb.embedder()
         say(f"  {len(chunks)} chunks; loading {args.model} ...")
@@ -344,6 +369,7 @@ def main(argv=None) -> int:
         gen = Generator(args.model)
         results["model"] = gen.resolved.display_name
         results["device"] = str(gen.device)
+        results["dtype"] = str(gen.model.dtype).removeprefix("torch.")
         results["load_s"] = round(time.perf_counter() - t, 1)
         gen.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)  # warm-up
         if not args.skip_loop:
@@ -362,12 +388,24 @@ def main(argv=None) -> int:
             n = min(args.chunks, len(chunks))
             say(f"part 2: extraction of {n} chunks ({args.pairs} questions each, paraphrases on) ...")
             results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
+            results["extraction"]["dtype"] = results["dtype"]
+            before = gen
+            if args.baseline_dtype.removeprefix("torch.") != results["dtype"]:
+                say(f"  loading {args.model} again in {args.baseline_dtype} (MEMCHAT_DTYPE) ...")
+                before = load_generator(args.model, args.baseline_dtype)
+                before.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)  # warm-up
+                say(f"part 2 again in {args.baseline_dtype}, today's path ...")
+                results["extraction_baseline_dtype"] = part_extraction(kb, before, embedder, n, args.pairs,
+                                                                       args.batch_size, Path(tmp) / "td-dtype")
+                results["extraction_baseline_dtype"]["dtype"] = args.baseline_dtype
             if args.writers and (results["extraction"]["answer_writer"], results["extraction"]["paraphrase_writer"]) \
                     != ("model", "model"):
-                say("part 2 again with the model writing answers and paraphrases (the path before the writers) ...")
-                results["extraction_model_answers"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
+                say(f"part 2 again with the model writing answers and paraphrases (the path before the writers), "
+                    f"{str(before.model.dtype).removeprefix('torch.')} ...")
+                results["extraction_model_answers"] = part_extraction(kb, before, embedder, n, args.pairs, args.batch_size,
                                                                       Path(tmp) / "td-model", answer_writer="model",
                                                                       paraphrase_writer="model")
+                results["extraction_model_answers"]["dtype"] = str(before.model.dtype).removeprefix("torch.")
             if args.share_prefix:
                 say(f"part 2 again, share_prefix=True on every generate call ...")
                 results["extraction_shared"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
@@ -377,7 +415,7 @@ def main(argv=None) -> int:
                 results["engine"] = part_engine(kb, embedder, n, args, Path(tmp))
     results["load_after"] = cpu_note(0)
 
-    print(f"\nmodel {results['model']} on {results['device']}, torch threads {results['torch_threads']}; "
+    print(f"\nmodel {results['model']} on {results['device']} ({results['dtype']}), torch threads {results['torch_threads']}; "
           f"{results['machine']} -> {results['load_after']}")
     for name, r in results.get("batched_vs_loop", {}).items():
         print(table(
@@ -407,8 +445,12 @@ def main(argv=None) -> int:
     if "extraction_model_answers" in results:
         a, b = results["extraction_model_answers"], results["extraction"]
         rows = []
-        for name, r in (("model writes answers + paraphrases (before)", a),
-                        (f"answers: {b['answer_writer']}, paraphrases: {b['paraphrase_writer']} (default)", b)):
+        today = f"answers: {b['answer_writer']}, paraphrases: {b['paraphrase_writer']}"
+        runs = [(f"model writes answers + paraphrases (before), {a['dtype']}", a)]
+        if "extraction_baseline_dtype" in results:
+            runs.append((f"{today}, {results['extraction_baseline_dtype']['dtype']}", results["extraction_baseline_dtype"]))
+        runs.append((f"{today}, {b['dtype']} (default)", b))
+        for name, r in runs:
             stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
             rows.append([name, round(r["extraction_wall_s"] / r["chunks"], 2), round(r["questions_kept"] / r["chunks"], 2),
                          r["records"], r["generated_tokens"], stages,
@@ -422,6 +464,13 @@ def main(argv=None) -> int:
         print(f"paraphrases before: {a['paraphrases_by_source']} of {a['variations_generated']} generated; "
               f"now: {b['paraphrases_by_source']} of {b['variations_generated']} generated")
         print(f"same records (kind, question, answer) in both: {a['records_digest'] == b['records_digest']}")
+    if "extraction_baseline_dtype" in results and "extraction_model_answers" not in results:
+        rows = [[f"today's path, {r['dtype']}", round(r["extraction_wall_s"] / r["chunks"], 2),
+                 round(r["questions_kept"] / r["chunks"], 2), r["records"],
+                 ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())]
+                for r in (results["extraction_baseline_dtype"], results["extraction"])]
+        print(table(["extraction", "s/chunk", "questions kept/chunk", "records", "seconds by stage"], rows,
+                    title=f"\n2d. the same extraction in {rows[0][0].split(', ')[-1]} and in today's dtype"))
     if "extraction_shared" in results:
         a, b = results["extraction"], results["extraction_shared"]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records"],

@@ -359,8 +359,9 @@ class ConversationalTrainer:
         elif wanted == "fp32":
             self.precision = None
         else:
-            if self.device.type != "cuda":
-                raise MemChatError(f"--precision {wanted} needs a CUDA GPU; this run is on {self.device}. Use auto.")
+            if self.device.type != "cuda" and not (wanted == "bf16" and self.device.type == "cpu"):
+                raise MemChatError(f"--precision {wanted} needs a CUDA GPU; this run is on {self.device}. Use auto"
+                                   + (" or bf16 (CPU autocast)." if self.device.type == "cpu" else "."))
             self.precision = wanted
 
     @property

@@ -32,9 +32,15 @@ def conversation(question, system=None):
 
 @pytest.fixture(scope="module", params=["qwen", "gpt2"])
 def generator(request, tiny_qwen_dir, tiny_gpt2_dir):
-    """A Generator over each tiny model: ChatML template (Qwen2) and none (DialoGPT-like GPT-2)."""
+    """A Generator over each tiny model: ChatML template (Qwen2) and none (DialoGPT-like GPT-2).
+
+    Loaded in float32 whatever this CPU would pick: the layouts compared below (batched, padded, cached) give
+    equal greedy tokens in float32; bf16 rounding can flip a near-tie of a random tiny model between two layouts.
+    """
     folder = tiny_qwen_dir if request.param == "qwen" else tiny_gpt2_dir
-    return Generator(str(folder))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMCHAT_DTYPE", "float32")
+        return Generator(str(folder))
 
 
 def test_format_prompt_chat_template(tiny_qwen_dir):
@@ -251,3 +257,21 @@ def test_shared_prefix_gives_the_same_answers(model, request):
         [r.text for r in gen.generate(batch[:3], max_new_tokens=10, stop=stop)]
     assert [r.text for r in gen.generate(batch, max_new_tokens=6, batch_size=2, share_prefix=True)] == \
         [r.text for r in gen.generate(batch, max_new_tokens=6, batch_size=2)]
+
+
+def test_bf16_generates_and_scores_like_float32(tiny_qwen_dir, monkeypatch):
+    """MEMCHAT_DTYPE=bfloat16 (what memchat.device picks on a CPU with bf16 instructions) loads bf16 weights, writes
+    an answer, and scores in float32 from the bf16 logits: close to the float32 model's scores, never bf16-rounded."""
+    monkeypatch.setenv("MEMCHAT_DTYPE", "float32")
+    exact = Generator(str(tiny_qwen_dir))
+    monkeypatch.setenv("MEMCHAT_DTYPE", "bfloat16")
+    half = Generator(str(tiny_qwen_dir))
+    assert exact.model.dtype == torch.float32 and half.model.dtype == torch.bfloat16
+    batch = [conversation(q) for q in QUESTIONS[:3]]
+    out = half.generate(batch, max_new_tokens=6)
+    assert all(r.new_tokens == 6 for r in out) and any(r.text for r in out)
+    requests = [(conversation(q), " the answer is seven") for q in QUESTIONS[:3]]
+    a, b = exact.loglikelihoods(requests), half.loglikelihoods(requests)
+    assert all(isinstance(x, float) and x < 0 for x in b)
+    assert b == pytest.approx(a, rel=0.005)  # measured ~0.05% apart; bf16 logits keep ~3 significant digits
+    assert any(float(torch.tensor(x, dtype=torch.bfloat16)) != x for x in b)  # a float32 sum, not a bf16 one

@@ -27,6 +27,7 @@ def empty_hub_cache(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 def test_device_env_override_cpu(monkeypatch):
     monkeypatch.setenv("MEMCHAT_DEVICE", "cpu")
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
     assert device.get_device() == torch.device("cpu")
     assert device.get_dtype() == torch.float32
     assert device.describe().startswith("cpu (float32, ")
@@ -43,12 +44,36 @@ def test_device_env_rejects_unknown_or_missing(monkeypatch):
             device.get_device()
 
 
-def test_dtype_rules():
-    assert device.get_dtype("cpu") == torch.float32
+def test_dtype_rules(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    assert device.get_dtype("cpu") == torch.float32  # bf16 emulated in software: slower than fp32
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    assert device.get_dtype("cpu") == torch.bfloat16  # AVX512-BF16 / AMX: bf16 matmuls are the fast ones
+    assert device.describe("cpu").startswith("cpu (bfloat16, ")
     assert device.get_dtype("cpu", training=True) == torch.float32
     assert device.get_dtype("cuda") in (torch.bfloat16, torch.float16)
     assert device.get_dtype("cuda", training=True) == torch.float32  # fp32 master weights + autocast
     assert device.mixed_precision("cuda") in ("bf16", "fp16")
+
+
+def test_dtype_env_override(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    monkeypatch.setenv("MEMCHAT_DTYPE", "float32")
+    assert device.get_dtype("cpu") == torch.float32
+    monkeypatch.setenv("MEMCHAT_DTYPE", "bf16")
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    assert device.get_dtype("cpu") == torch.bfloat16
+    assert device.get_dtype("cpu", training=True) == torch.float32  # the optimizer's master weights stay fp32
+    monkeypatch.setenv("MEMCHAT_DTYPE", "auto")
+    assert device.get_dtype("cpu") == torch.float32
+    monkeypatch.setenv("MEMCHAT_DTYPE", "int3")
+    with pytest.raises(MemChatError, match="MEMCHAT_DTYPE='int3'"):
+        device.get_dtype("cpu")
+
+
+def test_cpu_bf16_probe_matches_torch():
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert device.cpu_has_bf16() is bool(expected)
 
 
 def test_default_device_is_available(monkeypatch):
@@ -181,11 +206,15 @@ def test_load_causal_lm_tiny_qwen(tiny_qwen_dir, monkeypatch):
     model, tokenizer, resolved = load_causal_lm(str(tiny_qwen_dir))
     assert resolved.source == "local" and resolved.notice is None
     assert not model.training
-    assert model.dtype == torch.float32
+    assert model.dtype == device.get_dtype("cpu")
+    monkeypatch.setenv("MEMCHAT_DTYPE", "bfloat16")
+    assert load_causal_lm(str(tiny_qwen_dir))[0].dtype == torch.bfloat16
+    monkeypatch.setenv("MEMCHAT_DTYPE", "float32")
+    assert load_causal_lm(str(tiny_qwen_dir))[0].dtype == torch.float32
     assert tokenizer.padding_side == "left"
     assert tokenizer.pad_token == "<|endoftext|>"  # its own pad token is kept
     trainable, _, _ = load_causal_lm(str(tiny_qwen_dir), training=True)
-    assert trainable.training
+    assert trainable.training and trainable.dtype == torch.float32  # MEMCHAT_DTYPE is for inference only
 
 
 def test_load_gpt2_sets_pad_to_eos(tiny_gpt2_dir):
