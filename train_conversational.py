@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help=f"recompute activations to save memory (default: {'on' if d.gradient_checkpointing else 'off'})")
     g.add_argument("--precision", choices=PRECISIONS,
-                   help=f"auto: bf16 (else fp16) mixed precision on CUDA, fp32 elsewhere (default: {o.precision})")
+                   help=f"auto: bf16 (else fp16) mixed precision on CUDA, fp32 elsewhere; bf16 also works on a CPU "
+                        f"(autocast, float32 weights; 1.5x the tokens/s on CPUs with bf16 instructions) "
+                        f"(default: {o.precision})")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model: faster GPU steps after about a minute of compiling")
 
