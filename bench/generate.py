@@ -25,8 +25,9 @@ before any clock starts, on the qa_dev PDFs put in a temporary knowledge base:
                        time / bare generation time for the same prompts (target <=
                        1.3x): what parsing, filtering, embedding and file writing cost.
                        Then (unless --no-writers) the same chunks again with the model
-                       writing answers and paraphrases (the path before small models got
-                       sentence answers and framings without those stages): seconds per
+                       writing answers and paraphrases and no spare retry sentences (the
+                       path before small models got sentence answers and framings without
+                       those stages, and the retry its spare sentence): seconds per
                        chunk, questions kept per chunk, seconds by stage, and whether the
                        records are the same, in one run. That run uses --baseline-dtype
                        (float32, the CPU dtype before); where today's dtype differs (bf16 on
@@ -329,6 +330,9 @@ def main(argv=None) -> int:
                    help="dtype of the run with the model writing answers and paraphrases (default float32: the CPU "
                         "dtype before memchat.device chose bf16 on CPUs with bf16 instructions). When today's dtype "
                         "differs, today's path also runs in this dtype, so the table shows what each change buys")
+    g.add_argument("--retry-spare", type=int, default=None, metavar="K",
+                   help="run part 2 again with ExtractConfig.retry_spare_sentences=K (spare sentences the retry asks "
+                        "about beyond the questions missing) and compare with today's default")
     g.add_argument("--share-prefix", action="store_true",
                    help="run part 2 a second time with generate(share_prefix=True) on every call (today's prompts)")
     g = p.add_argument_group("part 4: shared prefix")
@@ -398,13 +402,18 @@ def main(argv=None) -> int:
                 results["extraction_baseline_dtype"] = part_extraction(kb, before, embedder, n, args.pairs,
                                                                        args.batch_size, Path(tmp) / "td-dtype")
                 results["extraction_baseline_dtype"]["dtype"] = args.baseline_dtype
+            if args.retry_spare is not None:
+                say(f"part 2 again with retry_spare_sentences={args.retry_spare} ...")
+                results["extraction_retry_spare"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
+                                                                    Path(tmp) / "td-spare",
+                                                                    retry_spare_sentences=args.retry_spare)
             if args.writers and (results["extraction"]["answer_writer"], results["extraction"]["paraphrase_writer"]) \
                     != ("model", "model"):
                 say(f"part 2 again with the model writing answers and paraphrases (the path before the writers), "
                     f"{str(before.model.dtype).removeprefix('torch.')} ...")
                 results["extraction_model_answers"] = part_extraction(kb, before, embedder, n, args.pairs, args.batch_size,
                                                                       Path(tmp) / "td-model", answer_writer="model",
-                                                                      paraphrase_writer="model")
+                                                                      paraphrase_writer="model", retry_spare_sentences=0)
                 results["extraction_model_answers"]["dtype"] = str(before.model.dtype).removeprefix("torch.")
             if args.share_prefix:
                 say(f"part 2 again, share_prefix=True on every generate call ...")
@@ -471,6 +480,16 @@ def main(argv=None) -> int:
                 for r in (results["extraction_baseline_dtype"], results["extraction"])]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records", "seconds by stage"], rows,
                     title=f"\n2d. the same extraction in {rows[0][0].split(', ')[-1]} and in today's dtype"))
+    if "extraction_retry_spare" in results:
+        from memchat.config import ExtractConfig
+
+        rows = [[f"retry_spare_sentences={k}{' (default)' if k == ExtractConfig().retry_spare_sentences else ''}",
+                 round(r["extraction_wall_s"] / r["chunks"], 2), round(r["questions_kept"] / r["chunks"], 2),
+                 r["questions_kept"], r["retry_kept"], ", ".join(f"{a} {b:.0f}" for a, b in r["stage_seconds"].items())]
+                for k, r in ((ExtractConfig().retry_spare_sentences, results["extraction"]),
+                             (args.retry_spare, results["extraction_retry_spare"]))]
+        print(table(["extraction", "s/chunk", "questions kept/chunk", "kept", "from the retry", "seconds by stage"], rows,
+                    title="\n2e. spare sentences for the retry"))
     if "extraction_shared" in results:
         a, b = results["extraction"], results["extraction_shared"]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records"],

@@ -134,7 +134,7 @@ class GroupStages:
             missing = n - len(w.questions)
             if missing <= 0:
                 continue
-            for s in self._retry_sentences(w, missing):
+            for s in self._retry_sentences(w, missing + cfg.retry_spare_sentences):
                 retry_prompts.append(qa.strict_question_prompt(s))
                 retry_owner.append((w, s))
             w.counts["retried"] += 1

@@ -547,3 +547,24 @@ def test_end_to_end_bundled_model_via_script(monkeypatch, capsys, torch_single_t
     assert {r["answer_source"] for r in doc["records"] if r["kind"] == "original"} == {"extractive"}
     assert stats["overall"]["answers"]["model"] == 0 and "picking" in stats["run"]["stage_seconds"]
     assert "records:" in out and "not encrypted" in out
+
+
+class _RetryOnly(ScriptedGenerator):
+    """Writes no question from a whole chunk; every stricter one-sentence retry gives one."""
+
+    def _questions(self, user: str) -> str:
+        return "I am not sure what you want."
+
+
+@pytest.mark.parametrize("spare", [0, 1])
+def test_the_retry_asks_spare_sentences_but_keeps_only_what_was_asked(spare):
+    k = make_kb(QA_PDFS[:1])
+    gen = _RetryOnly()
+    ex = extractor(k, gen, max_pairs_per_chunk=2, retry_spare_sentences=spare, augment=False)
+    ex.create_training_dataset(max_pairs_per_chunk=2, augment=False)
+    retries = [m for m in gen.prompts if m[-1]["content"].startswith("Sentence:")]
+    stats = load(config.training_dir() / config.STATS_FILENAME)["overall"]
+    chunks = stats["chunks"]
+    assert len(retries) == stats["retry_prompts"] == (2 + spare) * chunks  # every chunk here has 3+ long sentences
+    assert stats["questions_kept"] == 2 * chunks  # the spare's question is dropped, never a third per chunk
+    assert stats["dropped"]["questions"].get("over_limit", 0) == spare * chunks
