@@ -472,7 +472,8 @@ def main(argv=None) -> int:
               f"{b['retry_kept']}")
         print(f"paraphrases before: {a['paraphrases_by_source']} of {a['variations_generated']} generated; "
               f"now: {b['paraphrases_by_source']} of {b['variations_generated']} generated")
-        print(f"same records (kind, question, answer) in both: {a['records_digest'] == b['records_digest']}")
+        print(f"same records (kind, question, answer) in both: {a['records_digest'] == b['records_digest']} (expect False "
+              f"when the dtypes differ, {a['dtype']} / {b['dtype']}, or the retry's spare sentence asks more)")
     if "extraction_baseline_dtype" in results and "extraction_model_answers" not in results:
         rows = [[f"today's path, {r['dtype']}", round(r["extraction_wall_s"] / r["chunks"], 2),
                  round(r["questions_kept"] / r["chunks"], 2), r["records"],
