@@ -290,17 +290,28 @@ def part_engine(kb, embedder, chunks: int, args, tmp: Path) -> dict:
 
 def load_generator(model: str, dtype: str):
     """A second Generator of ``model`` in ``dtype`` (memchat.device reads MEMCHAT_DTYPE), the variable restored."""
+    from unittest import mock
+
     from memchat.generation import Generator
 
-    saved = os.environ.get("MEMCHAT_DTYPE")
-    os.environ["MEMCHAT_DTYPE"] = dtype
-    try:
+    with mock.patch.dict(os.environ, {"MEMCHAT_DTYPE": dtype}):
         return Generator(model)
-    finally:
-        if saved is None:
-            os.environ.pop("MEMCHAT_DTYPE", None)
-        else:
-            os.environ["MEMCHAT_DTYPE"] = saved
+
+
+def warm_up(gen, chunks) -> None:
+    """One short batched call before any clock starts (kernels picked, caches allocated)."""
+    from memchat import qa
+
+    gen.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)
+
+
+def dtype_name(gen) -> str:
+    return str(gen.model.dtype).removeprefix("torch.")
+
+
+def stages_text(r: dict) -> str:
+    """An extraction's seconds by stage, e.g. "questions 10, retrying 4"."""
+    return ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
 
 
 def main(argv=None) -> int:
@@ -353,7 +364,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from memchat import qa
     from memchat.generation import Generator
     from memchat.knowledge import KnowledgeBase
 
@@ -373,9 +383,9 @@ def main(argv=None) -> int:
         gen = Generator(args.model)
         results["model"] = gen.resolved.display_name
         results["device"] = str(gen.device)
-        results["dtype"] = str(gen.model.dtype).removeprefix("torch.")
+        results["dtype"] = dtype_name(gen)
         results["load_s"] = round(time.perf_counter() - t, 1)
-        gen.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)  # warm-up
+        warm_up(gen, chunks)
         if not args.skip_loop:
             results["batched_vs_loop"] = {}
             for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
@@ -397,7 +407,7 @@ def main(argv=None) -> int:
             if args.baseline_dtype.removeprefix("torch.") != results["dtype"]:
                 say(f"  loading {args.model} again in {args.baseline_dtype} (MEMCHAT_DTYPE) ...")
                 before = load_generator(args.model, args.baseline_dtype)
-                before.generate([qa.question_prompt(chunks[0]["text"], 3)] * 2, max_new_tokens=8)  # warm-up
+                warm_up(before, chunks)
                 say(f"part 2 again in {args.baseline_dtype}, today's path ...")
                 results["extraction_baseline_dtype"] = part_extraction(kb, before, embedder, n, args.pairs,
                                                                        args.batch_size, Path(tmp) / "td-dtype")
@@ -410,11 +420,11 @@ def main(argv=None) -> int:
             if args.writers and (results["extraction"]["answer_writer"], results["extraction"]["paraphrase_writer"]) \
                     != ("model", "model"):
                 say(f"part 2 again with the model writing answers and paraphrases (the path before the writers), "
-                    f"{str(before.model.dtype).removeprefix('torch.')} ...")
+                    f"{dtype_name(before)} ...")
                 results["extraction_model_answers"] = part_extraction(kb, before, embedder, n, args.pairs, args.batch_size,
                                                                       Path(tmp) / "td-model", answer_writer="model",
                                                                       paraphrase_writer="model", retry_spare_sentences=0)
-                results["extraction_model_answers"]["dtype"] = str(before.model.dtype).removeprefix("torch.")
+                results["extraction_model_answers"]["dtype"] = dtype_name(before)
             if args.share_prefix:
                 say(f"part 2 again, share_prefix=True on every generate call ...")
                 results["extraction_shared"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,
@@ -460,7 +470,7 @@ def main(argv=None) -> int:
             runs.append((f"{today}, {results['extraction_baseline_dtype']['dtype']}", results["extraction_baseline_dtype"]))
         runs.append((f"{today}, {b['dtype']} (default)", b))
         for name, r in runs:
-            stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+            stages = stages_text(r)
             rows.append([name, round(r["extraction_wall_s"] / r["chunks"], 2), round(r["questions_kept"] / r["chunks"], 2),
                          r["records"], r["generated_tokens"], stages,
                          f"{(a['extraction_wall_s'] / a['chunks']) / (r['extraction_wall_s'] / r['chunks']):.2f}x"])
@@ -475,20 +485,20 @@ def main(argv=None) -> int:
         print(f"same records (kind, question, answer) in both: {a['records_digest'] == b['records_digest']} (expect False "
               f"when the dtypes differ, {a['dtype']} / {b['dtype']}, or the retry's spare sentence asks more)")
     if "extraction_baseline_dtype" in results and "extraction_model_answers" not in results:
+        base = results["extraction_baseline_dtype"]
         rows = [[f"today's path, {r['dtype']}", round(r["extraction_wall_s"] / r["chunks"], 2),
-                 round(r["questions_kept"] / r["chunks"], 2), r["records"],
-                 ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())]
-                for r in (results["extraction_baseline_dtype"], results["extraction"])]
+                 round(r["questions_kept"] / r["chunks"], 2), r["records"], stages_text(r)]
+                for r in (base, results["extraction"])]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "records", "seconds by stage"], rows,
-                    title=f"\n2d. the same extraction in {rows[0][0].split(', ')[-1]} and in today's dtype"))
+                    title=f"\n2d. the same extraction in {base['dtype']} and in today's dtype"))
     if "extraction_retry_spare" in results:
         from memchat.config import ExtractConfig
 
-        rows = [[f"retry_spare_sentences={k}{' (default)' if k == ExtractConfig().retry_spare_sentences else ''}",
+        default = ExtractConfig().retry_spare_sentences
+        rows = [[f"retry_spare_sentences={k}{' (default)' if k == default else ''}",
                  round(r["extraction_wall_s"] / r["chunks"], 2), round(r["questions_kept"] / r["chunks"], 2),
-                 r["questions_kept"], r["retry_kept"], ", ".join(f"{a} {b:.0f}" for a, b in r["stage_seconds"].items())]
-                for k, r in ((ExtractConfig().retry_spare_sentences, results["extraction"]),
-                             (args.retry_spare, results["extraction_retry_spare"]))]
+                 r["questions_kept"], r["retry_kept"], stages_text(r)]
+                for k, r in ((default, results["extraction"]), (args.retry_spare, results["extraction_retry_spare"]))]
         print(table(["extraction", "s/chunk", "questions kept/chunk", "kept", "from the retry", "seconds by stage"], rows,
                     title="\n2e. spare sentences for the retry"))
     if "extraction_shared" in results:
