@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
                     "auto": "auto"}[row]
             if row == "baseline":
-                cfg.retrieval, cfg.min_coverage, cfg.min_support = "dense", 0.0, 0.0
+                cfg.retrieval, cfg.min_relevance, cfg.min_support = "dense", 0.0, 0.0
             rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
                               mode=mode)
             resolved = rag.resolved_mode()

@@ -16,10 +16,11 @@ Three answer modes (``config.RAGConfig.mode``, ``MEMCHAT_ANSWER_MODE``, ``main.p
               external engine.
 
 In every mode the pipeline first asks whether the documents are about the question
-at all: ``coverage`` is the share of the question's idf-weighted content words that
-the best evidence passage contains. An unrelated question shares few rare words with
-any passage; below ``min_coverage`` the answer is "I don't know", with the best
-passage shown.
+at all (``relevance``): ``coverage``, the share of the question's idf-weighted content
+words that the best evidence passage contains, plus the top chunk's cosine to the
+question. The two fail apart: an unrelated question may share a rare word with some
+passage, or sit near a chunk in embedding space, but seldom both. Below
+``min_relevance`` the answer is "I don't know", with the best passage shown.
 
 Retrieval is hybrid (BM25 + dense, reciprocal rank fusion; ``knowledge``). The
 evidence sentences are ranked by the same embedding model plus idf-weighted word
@@ -82,6 +83,7 @@ class Answer:
     status: str = ANSWERED  # ANSWERED | UNSUPPORTED (generative, failed verification) | NO_ANSWER | NO_DOCUMENTS
     confidence: float = 0.0  # extractive: the span's share of the reader's probability; generative: support
     coverage: float = 0.0  # idf-weighted share of the question's words in the best passage
+    relevance: float = 0.0  # coverage + the top chunk's cosine to the question (``relevance``): the abstention gate
     passage: str = ""  # the best sentence with its neighbours: shown as the closest passage
     generated: str = ""  # generative: the model's text before verification (kept for inspection)
     source: Evidence | None = None  # the evidence sentence the answer came from
@@ -136,6 +138,18 @@ def coverage(question: str, passage: str, idf) -> float:
 
 
 MIN_EVIDENCE_CHARS = 12  # shorter "sentences" are headings, labels and page furniture
+
+
+def relevance(question: str, hits: Sequence[Hit], evidence: Sequence[Evidence], idf, passage) -> tuple[float, float]:
+    """(coverage, relevance): are the documents about the question at all?
+
+    ``coverage`` is the best of the top 3 evidence passages (``passage(e)``: a sentence and its neighbours);
+    ``relevance`` adds the top chunk's cosine to the question. Lexical overlap and embedding similarity are two
+    views of "about the question" that fail apart, so their sum separates answerable from unrelated questions
+    better than either (bench/rag_quality.py and ``RAGConfig.min_relevance``).
+    """
+    cov = max((coverage(question, passage(e), idf) for e in evidence[:3]), default=0.0)
+    return cov, cov + (float(hits[0].score) if hits else 0.0)
 
 
 def evidence_score(cos: float, question: str, sentence: str, idf, chunk_score: float = 0.0) -> float:
@@ -308,8 +322,8 @@ class RAGPipeline:
             return a
         if evidence:
             a.passage = self.passage(evidence[0])
-            a.coverage = max(coverage(question, self.passage(e), self.kb.idf) for e in evidence[:3])
-        if not evidence or a.coverage < self.cfg.min_coverage:
+            a.coverage, a.relevance = relevance(question, hits, evidence, self.kb.idf, self.passage)
+        if not evidence or a.relevance < self.cfg.min_relevance:
             a.status, a.text = NO_ANSWER, IDK_TEXT
         return a
 

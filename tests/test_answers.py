@@ -155,6 +155,19 @@ def test_abstains_on_a_store_without_the_answer(tmp_path):
         assert a.evidence_line.startswith("Closest passage")
 
 
+def test_the_gate_is_coverage_plus_the_top_chunks_cosine(tmp_path):
+    """Either signal alone lets some unrelated questions through; the gate adds them (config.min_relevance)."""
+    kb = kb_with(tmp_path, plants=OXYGEN)
+    q = "Who discovered oxygen?"
+    probe = RAGPipeline(kb, rag=RAGConfig(mode="extractive", min_relevance=0.0)).answer(q)
+    assert 0 < probe.coverage < probe.relevance
+    assert probe.relevance == pytest.approx(probe.coverage + probe.hits[0].score)
+    between = (probe.coverage + probe.relevance) / 2  # coverage alone would abstain here, the sum answers
+    assert RAGPipeline(kb, rag=RAGConfig(mode="extractive", min_relevance=between)).answer(q).status == ANSWERED
+    above = RAGPipeline(kb, rag=RAGConfig(mode="extractive", min_relevance=probe.relevance + 0.01)).answer(q)
+    assert above.status == NO_ANSWER and above.passage
+
+
 def test_coverage_weights_rare_words():
     idf = {"oxygen": 5.0, "discov": 1.0}.get
     assert coverage("Who discovered oxygen?", "oxygen is a gas", lambda w: idf(w) or 1.0) == pytest.approx(5 / 6)
