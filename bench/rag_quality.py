@@ -4,7 +4,8 @@
 
 For each dev set the PDFs go into a temporary store. Every row answers the set's
 questions (answerable) and then the *other* set's questions asked of this store
-(unanswerable: their documents are not in it), through ``memchat.evaluate`` so the
+(unanswerable: their documents are not in it; ``--unanswerable-from squad2=qa_dev``
+picks another set, e.g. Wikipedia questions of a Wikipedia store), through ``memchat.evaluate`` so the
 figures are the same ones ``test_finetuned_model.py --eval`` reports:
 
   baseline        the previous pipeline: dense retrieval only, the model writes the
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--unanswerable-limit", type=int, default=60, help="unanswerable questions per set (0 = all)")
     p.add_argument("--model", default="Qwen/Qwen2.5-1.5B-Instruct", help="generation model (falls back to bundled)")
     p.add_argument("--out", default="", help="write every report as JSON here")
+    p.add_argument("--unanswerable-from", default="",
+                   help="whose questions each store is asked as unanswerable, e.g. squad2=qa_dev,qa_dev=squad2 "
+                        f"(default {','.join(f'{k}={v}' for k, v in OTHER.items())})")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
         kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
         print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks)", file=sys.stderr)
         answerable = load_questions(SETS[name] / "qa.jsonl")
-        unanswerable = sample(load_questions(SETS[OTHER[name]] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
+        other = {**OTHER, **dict(pair.split("=") for pair in args.unanswerable_from.split(",") if pair)}[name]
+        unanswerable = sample(load_questions(SETS[other] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
         for row in row_names:
             cfg = RAGConfig()
             mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
