@@ -87,11 +87,14 @@ def main(argv=None) -> int:
     draft_f1, draft_cont = score([d for _, d, _, _ in rows])
     print(f"\n{args.questions}: RAG (no draft) F1 {rag_f1:.1f} contains {rag_cont:.1f}; the drafts alone "
           f"(closed-book) F1 {draft_f1:.1f} contains {draft_cont:.1f}")
-    print(f"{'DRAFT_VOTE':>10s} {'bonus at F1 1':>13s} {'hybrid F1':>9s} {'contains':>8s} {'vs RAG':>7s}")
+    print(f"{'':24s} {'fused retrieval (question + draft)':^34s} {'RAG retrieval (question only)':^34s}")
+    print(f"{'DRAFT_VOTE':>10s} {'bonus at F1 1':>13s} " + f"{'hybrid F1':>9s} {'contains':>8s} {'vs RAG':>7s}        " * 2)
     for v in votes:
-        f1, cont = score([choose(fused, v * trust) for _, _, _, fused in rows])
-        mark = "  <- now" if v == DRAFT_VOTE else ""
-        print(f"{v:10.2f} {v * trust:13.2f} {f1:9.1f} {cont:8.1f} {f1 - rag_f1:+7.1f}{mark}")
+        line = f"{v:10.2f} {v * trust:13.2f} "
+        for col in (3, 2):  # the fused reading, then the plain one: does the draft help retrieval, or only the vote?
+            f1, cont = score([choose(r[col], v * trust) for r in rows])
+            line += f"{f1:9.1f} {cont:8.1f} {f1 - rag_f1:+7.1f}        "
+        print(line + ("<- now" if v == DRAFT_VOTE else ""))
     # Drafts that match a candidate span exactly: are they right where the reader is not?
     exact = [(q, d, plain) for q, d, plain, _ in rows if plain and len(plain[2]) and plain[2].max() >= 0.99]
     if exact:
