@@ -46,6 +46,19 @@ def sample(questions, n, seed=0):
     return sorted(rng.sample(list(questions), n), key=lambda q: questions.index(q))
 
 
+def gate_spread(questions, rows) -> str:
+    """The gate's score on answerable questions (min, 2nd, 5th percentile) and unanswerable ones (90th, 95th, max)."""
+    import numpy as np
+
+    ans = [r["relevance"] for q, r in zip(questions, rows) if "relevance" in r and not q.unanswerable]
+    unans = [r["relevance"] for q, r in zip(questions, rows) if "relevance" in r and q.unanswerable]
+    if not ans or not unans:
+        return ""
+    a, u = np.quantile(ans, [0, 0.02, 0.05]), np.quantile(unans, [0.9, 0.95, 1])
+    return (f"answerable min {a[0]:.2f} p2 {a[1]:.2f} p5 {a[2]:.2f}   |   "
+            f"unanswerable p90 {u[0]:.2f} p95 {u[1]:.2f} max {u[2]:.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default="squad2,covid", help="comma-separated: qa_dev, squad2, covid")
@@ -73,6 +86,7 @@ def main(argv=None) -> int:
     generator = Generator(args.model)
     row_names = args.rows.split(",")
     table = []
+    gates = []
     reports = {}
     for name in args.sets.split(","):
         home = Path(tempfile.mkdtemp(prefix=f"memchat-rq-{name}-"))
@@ -104,6 +118,7 @@ def main(argv=None) -> int:
             m = rep.systems["rag"]["metrics"]
             reports[f"{name}:{row}"] = rep.to_dict()
             table.append((name, row, m))
+            gates.append((name, row, cfg.min_relevance, gate_spread(qs, rep.rows["rag"])))
             print(f"  {row}: done ({rep.seconds:.0f} s)", file=sys.stderr)
 
     head = ["set", "row", "n (ans/unans)", "passage@4", "contains", "F1", "EM", "wrong+conf", "abstain (ans)",
@@ -119,6 +134,11 @@ def main(argv=None) -> int:
     print(f"\nmodel: {generator.resolved.display_name}; latency per question, one at a time, models loaded")
     for r in lines:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print("\nthe abstention gate's score (rag.relevance: coverage + the top chunk's cosine), answerable questions' "
+          "low percentiles against the unanswerable ones' high percentiles; the gap is where the threshold belongs")
+    for name, row, threshold, spread in gates:
+        if spread:
+            print(f"  {name:8s} {row:12s} threshold {threshold:.2f}   {spread}")
     if args.out:
         Path(args.out).write_text(json.dumps(reports, indent=1, ensure_ascii=False, default=str))
     return 0

@@ -190,11 +190,12 @@ class RAGConfig:
     # Abstention: answer only when the documents are about the question (rag.relevance): the idf-weighted share of
     # the question's content words in the best passage (0..1) plus the top chunk's cosine to the question (MiniLM:
     # about 0.1 to 0.3 for unrelated text, 0.4 to 0.8 for the passage that answers). On the dev sets (each set's
-    # questions asked of its own store, and of a store without their documents, scratch study of this round), the
-    # 2nd percentile of the answerable questions' sum is 0.69 to 0.83 and the 90th of the unanswerable 0.39 to
-    # 0.61: 0.65 sits in that gap. Coverage alone (>= 0.35, the gate before) overlapped more: it abstained on 3.8%
-    # to 9.5% of answerable questions for 86.7% to 90.7% of the unanswerable. A sentence-embedding model with
-    # another cosine scale (EmbeddingConfig.model_name) may want it moved: bench/rag_quality.py prints both abstentions.
+    # questions asked of its own store, and of a store without their documents: `bench/rag_quality.py --sets
+    # qa_dev,squad2,covid --rows extractive --unanswerable-limit 0` prints the spread), the 2nd percentile of the
+    # answerable questions' sum is 0.69 to 0.83 and the 90th of the unanswerable 0.39 to 0.61: 0.65 sits in that gap.
+    # Coverage alone (>= 0.35, the gate before) overlapped more: it abstained on 3.8% to 9.5% of answerable
+    # questions for 86.7% to 90.7% of the unanswerable. A sentence-embedding model with another cosine scale
+    # (EmbeddingConfig.model_name) may want it moved: the same bench prints where the gap is.
     min_relevance: float = 0.65
     # Generative answers: share of their added content words found in the evidence, below which the answer is
     # not shown as fact (rag.verify).

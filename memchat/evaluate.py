@@ -211,6 +211,7 @@ class Prediction:
     abstained: bool = False  # the system said it does not know instead of answering
     passages: list[str] | None = None  # retrieved chunks' text (passage recall); None = no retrieval
     evidence: str | None = None  # the passage shown as evidence
+    relevance: float | None = None  # RAG: the abstention gate's score (rag.relevance); None = no gate
 
 
 class System:
@@ -252,7 +253,8 @@ def _from_answer(a) -> Prediction:
     best = a.evidence[0].sentence if a.evidence else None
     return Prediction(a.text, a.seconds, [h.document for h in a.hits], a.citations, getattr(a, "route", None) or None,
                       getattr(a, "draft", None) or None, abstained=bool(getattr(a, "abstained", False)),
-                      passages=[h.text for h in a.hits], evidence=getattr(a, "passage", "") or best)
+                      passages=[h.text for h in a.hits], evidence=getattr(a, "passage", "") or best,
+                      relevance=getattr(a, "relevance", None))
 
 
 class RAGSystem(System):
@@ -331,6 +333,8 @@ def score_system(system: System, questions: Sequence[Question], preds: Sequence[
     passage, evidence, abstain, wrong, unans = [], [], [], [], []
     for q, p in zip(questions, preds):
         row = {"text": p.text, "seconds": round(p.seconds, 4), "abstained": p.abstained}
+        if p.relevance is not None:
+            row["relevance"] = round(p.relevance, 4)
         secs.append(p.seconds)
         if q.unanswerable:  # no gold in the store: only whether it abstained counts
             unans.append(float(p.abstained))

@@ -124,7 +124,7 @@ def test_abstention_passage_recall_and_wrong_and_confident_by_hand():
         Prediction("London", 0.1, ["a.pdf"], passages=["paris is big"], evidence="london calling"),  # wrong, confident
         Prediction("I don't know", 0.1, ["a.pdf"], abstained=True, passages=["nothing"], evidence="nothing"),
         Prediction("I don't know", 0.1, ["a.pdf"], abstained=True, passages=[], evidence=""),
-        Prediction("something", 0.1, ["a.pdf"], passages=[], evidence=""),
+        Prediction("something", 0.1, ["a.pdf"], passages=[], evidence="", relevance=0.71234),
     ]
     system = FixedSystem("rag", {}, {})
     m, rows = score_system(system, qs, preds, k=4)
@@ -137,6 +137,7 @@ def test_abstention_passage_recall_and_wrong_and_confident_by_hand():
     assert m["f1"] == pytest.approx(1 / 3)  # unanswerable questions are not scored against their gold
     assert m["mean_answer_words"] == pytest.approx((3 + 1) / 2)  # answered questions only
     assert rows[3] == {"text": "I don't know", "seconds": 0.1, "abstained": True}
+    assert rows[4]["relevance"] == 0.7123  # the gate's score, kept for unanswerable questions too (bench/rag_quality)
 
 
 def test_unanswerable_flag_and_field(tmp_path):
@@ -247,6 +248,9 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, t
     # the same tiny model as base and fine-tuned (random weights, same prompt): same answers
     assert [p["base"]["text"] for p in data["predictions"]] == [p["finetuned"]["text"] for p in data["predictions"]]
     assert all(p["rag"]["citations"] for p in data["predictions"])
+    for p in data["predictions"]:  # the abstention gate's score: on the RAG and hybrid rows, not closed-book ones
+        assert isinstance(p["rag"]["relevance"], float) and isinstance(p["hybrid"]["relevance"], float)
+        assert "relevance" not in p["base"] and "relevance" not in p["finetuned"]
     assert (tmp_path / "out" / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
