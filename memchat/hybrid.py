@@ -111,12 +111,15 @@ class HybridPipeline:
         return self.chat.answer_many(questions, max_new_tokens=self.draft_max_new_tokens, batch_size=batch_size)
 
     def retrieve(self, question: str, draft: str) -> list[Hit]:
+        """The question's chunks fused with those of the question + draft; every score is the cosine to the
+        question alone, as in RAG. A draft is written in the documents' own words, so its cosine to their chunks
+        is high even for a question they do not answer: it must not lift the abstention gate (rag.relevance)."""
         k = self.rag.cfg.top_k
         plain = self.rag.retrieve(question, k)
         if not draft.strip():
             return plain
         expanded = self.rag.retrieve(f"{question} {draft}", k)
-        return fuse([plain, expanded], k)
+        return self.rag.kb.rescored(question, fuse([plain, expanded], k))
 
     def _grounded(self, question: str, draft: str) -> tuple[list[Hit], list[Evidence], list[dict], dict]:
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -410,10 +410,17 @@ class KnowledgeBase:
             chosen = rrf_fuse([dense, keyword], k) if method == "hybrid" else keyword[:k]
             missing = [cid for cid in chosen if cid not in cos]
             if missing:  # keyword-only hits: their cosine from the stored vectors, so scores mean one thing
-                vecs = np.vstack([idx.reconstruct(int(cid)) for cid in missing])
-                for cid, c in zip(missing, vecs @ np.asarray(qv, dtype=np.float32).reshape(-1)):
-                    cos[cid] = float(c)
+                cos.update(zip(missing, _cosines(idx, qv, missing)))
         return [self._hit(view.state, cid, cos[cid]) for cid in chosen]
+
+    def rescored(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
+        """``hits`` (found by any query) with each score replaced by its cosine to ``query``, order kept."""
+        if not hits:
+            return []
+        view = self._view()
+        qv = self.embedder().encode_query(query)
+        scores = _cosines(view.index, qv, [h.chunk_id for h in hits])
+        return [replace(h, score=s) for h, s in zip(hits, scores)]
 
     def idf(self, word: str) -> float:
         """BM25 idf of a stemmed content word in this store (rare words weigh more)."""
@@ -423,6 +430,12 @@ class KnowledgeBase:
     def _hit(state: StoreState, chunk_id: int, score: float) -> Hit:
         c = state.metadata["chunks"][str(chunk_id)]
         return Hit(score, chunk_id, c["document"], c["version"], c["page_start"], c["page_end"], c["text"], c.get("ocr", False))
+
+
+def _cosines(idx, query_vector, chunk_ids) -> list[float]:
+    """Cosines of the stored vectors of ``chunk_ids`` to a normalised query vector."""
+    vecs = np.vstack([idx.reconstruct(int(cid)) for cid in chunk_ids])
+    return [float(c) for c in vecs @ np.asarray(query_vector, dtype=np.float32).reshape(-1)]
 
 
 SEARCH_METHODS = ("hybrid", "dense", "keyword")

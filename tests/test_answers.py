@@ -244,6 +244,24 @@ def test_an_invented_draft_cannot_put_its_words_in_the_documents_mouth(tmp_path)
     assert "Boyle" not in invented.text and any(invented.text in h.text for h in invented.hits)
 
 
+def test_a_draft_in_the_documents_words_does_not_open_the_gate(tmp_path):
+    """The hybrid widens retrieval with the draft, but scores its chunks by their cosine to the question alone:
+    a fine-tuned model writes the documents' own words even for a question they do not answer."""
+    from memchat.hybrid import HybridPipeline
+
+    kb = kb_with(tmp_path, gears=GEARS, plants=OXYGEN[1:])
+    rag = RAGPipeline(kb, rag=RAGConfig(mode="extractive"))
+    q = "Who discovered oxygen in Birmingham in 1773?"
+    draft = GEARS[0][0]  # a sentence of the store, word for word
+    hybrid = HybridPipeline(rag, FixedChat(draft), strategy="verify")
+    own = {h.chunk_id: h.score for h in kb.search(q, k=10, method="dense")}
+    hits = hybrid.retrieve(q, draft)
+    assert hits and all(h.score == pytest.approx(own[h.chunk_id], abs=1e-5) for h in hits)
+    assert max(h.score for h in kb.search(f"{q} {draft}", k=10, method="dense")) > max(own.values()) + 0.2
+    a = hybrid.answer(q)
+    assert a.status == NO_ANSWER and a.relevance == pytest.approx(rag.answer(q).relevance, abs=1e-5)
+
+
 def test_the_draft_settles_near_ties_but_cannot_overturn_a_clear_reading(tmp_path):
     from memchat.hybrid import DRAFT_VOTE, HybridPipeline
     from memchat.text import token_f1
