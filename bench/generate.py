@@ -364,6 +364,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from memchat.device import _DTYPE_NAMES  # "fp32", "bf16", ... -> the torch name that dtype_name() gives
     from memchat.generation import Generator
     from memchat.knowledge import KnowledgeBase
 
@@ -404,14 +405,15 @@ def main(argv=None) -> int:
             results["extraction"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size, Path(tmp) / "td")
             results["extraction"]["dtype"] = results["dtype"]
             before = gen
-            if args.baseline_dtype.removeprefix("torch.") != results["dtype"]:
+            wanted = args.baseline_dtype.lower().removeprefix("torch.")
+            if _DTYPE_NAMES.get(wanted, wanted) != results["dtype"]:
                 say(f"  loading {args.model} again in {args.baseline_dtype} (MEMCHAT_DTYPE) ...")
                 before = load_generator(args.model, args.baseline_dtype)
                 warm_up(before, chunks)
                 say(f"part 2 again in {args.baseline_dtype}, today's path ...")
                 results["extraction_baseline_dtype"] = part_extraction(kb, before, embedder, n, args.pairs,
                                                                        args.batch_size, Path(tmp) / "td-dtype")
-                results["extraction_baseline_dtype"]["dtype"] = args.baseline_dtype
+                results["extraction_baseline_dtype"]["dtype"] = dtype_name(before)
             if args.retry_spare is not None:
                 say(f"part 2 again with retry_spare_sentences={args.retry_spare} ...")
                 results["extraction_retry_spare"] = part_extraction(kb, gen, embedder, n, args.pairs, args.batch_size,

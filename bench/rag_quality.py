@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     table = []
     gates = []
     reports = {}
+    others = {**OTHER, **dict(pair.split("=") for pair in args.unanswerable_from.split(",") if pair)}
     for name in args.sets.split(","):
         home = Path(tempfile.mkdtemp(prefix=f"memchat-rq-{name}-"))
         kb = KnowledgeBase(home / "store")
@@ -95,8 +96,7 @@ def main(argv=None) -> int:
         kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
         print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks)", file=sys.stderr)
         answerable = load_questions(SETS[name] / "qa.jsonl")
-        other = {**OTHER, **dict(pair.split("=") for pair in args.unanswerable_from.split(",") if pair)}[name]
-        unanswerable = sample(load_questions(SETS[other] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
+        unanswerable = sample(load_questions(SETS[others[name]] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
         for row in row_names:
             cfg = RAGConfig()
             mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
