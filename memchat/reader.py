@@ -2,11 +2,12 @@
 
 A small instruct model asked to *write* an answer echoes the question or invents
 one. So the reader proposes the candidate spans of the best evidence sentences
-(``text.answer_spans``: dates, numbers, names, phrases, clauses for how/why
-questions) and ranks them by a linear score over ``FEATURES``, each with a reason
-(an answer rarely repeats the question's words; the question word asks for a kind;
-the answer sits beside the question's words; SQuAD questions are the sentence with
-the answer replaced by a wh-word). The weights are fitted by bench/fit_reader.py
+(``text.answer_spans``: dates, numbers, names, phrases, enumerations "A, B, and C",
+clauses for how/why questions) and ranks them by a linear score over ``FEATURES``,
+each with a reason (an answer rarely repeats the question's words; the question word
+asks for a kind; the answer sits beside the question's words; SQuAD questions are the
+sentence with the answer replaced by a wh-word, so the words before a question word
+left in place are the words before the answer). The weights are fitted by bench/fit_reader.py
 and live in ``config.ReaderConfig``.
 
 With a ``SpanScorer`` the best few candidates are also scored by the language model,
@@ -222,6 +223,9 @@ FEATURES = (
     # lm minus the same span's log p after the same context and NULL_QUESTION (pointwise mutual information with
     # the question): the LM alone also rewards spans that are likely whatever was asked (short, frequent ones)
     "pmi",
+    # the words just before the span match the words just before the question's slot (``text.slot_words``: "lined
+    # with what?" -> "lined with [an epithelium]"; a preposition stranded at the end of a fronted question)
+    "slot",
 )
 
 
@@ -232,11 +236,12 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
 
     qkind = T.question_kind(question)
     qwords = T.content_words(question)
+    slot = T.slot_words(question)
     q_idf = sum(idf(w) for w in qwords) or 1.0
     describe = T.asks_for_description(question)
     cands: list[tuple[int, T.Span]] = []
     for si, s in enumerate(sentences):
-        spans = T.answer_spans(s, max_words=max_words, clauses=describe)
+        spans = T.answer_spans(s, max_words=max_words, clauses=describe, lists=True)
         if describe:
             spans += _clause_tails(s, qwords, {(sp.start, sp.end) for sp in spans})
         for sp in spans:
@@ -269,6 +274,7 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
             float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
             float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
             float(sp.kind == T.CLAUSE), 0.0,
+            T.slot_match(slot, T.words_before(sentences[si], sp.start)) if slot else 0.0,
         )
     return cands, X
 

@@ -163,6 +163,44 @@ _DESCRIBE = re.compile(
     r"^\W*(describe|explain)\b", re.I)
 
 
+# Words skipped when the words around an answer's slot are compared: they vary between a question and its sentence.
+_DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "its", "their", "his", "her"}
+_SLOT_WH = {"what", "which", "who", "whom", "whose", "when", "where"}
+_PREPOSITIONS = set("""about across after against along among around at before behind below beneath beside between beyond by
+during for from in inside into near of off on onto out outside over past since through throughout to toward towards under
+until upon with within without""".split())
+
+
+def slot_words(question: str, n: int = 2) -> list[str]:
+    """The stems of the words just before the answer's slot, nearest first; [] when the question does not show them.
+
+    SQuAD-style questions keep the source sentence's words around the answer. Where the question word stays in
+    place ("The inside is lined with what?"), the words before it are the words before the answer in the sentence
+    ("lined with an epithelium"). Where it moved to the front and left its preposition at the end ("What did water
+    flow across?"), that preposition is the word before the answer ("flowed ... across the Amazonas Basin").
+    """
+    words = [t.text.lower() for t in tokens(question) if _is_word(t)]
+    for i, w in enumerate(words):
+        if w in _SLOT_WH:
+            if i == 0:
+                break
+            return [stem(x) for x in words[:i] if x not in _DETERMINERS][::-1][:n]
+        if w in {"why", "how"}:
+            return []
+    return [stem(words[-1])] if words and words[-1] in _PREPOSITIONS else []
+
+
+def words_before(sentence: str, start: int, n: int = 2) -> list[str]:
+    """The stems of the ``n`` words before character ``start`` of ``sentence``, nearest first (determiners skipped)."""
+    before = [t.text.lower() for t in tokens(sentence[:start]) if _is_word(t)]
+    return [stem(w) for w in before if w not in _DETERMINERS][::-1][:n]
+
+
+def slot_match(slot: Sequence[str], before: Sequence[str]) -> float:
+    """How well the words before a span match a question's ``slot_words``: the k-th nearest of each side, 1/k each."""
+    return sum(1.0 / (k + 1) for k, (q, s) in enumerate(zip(slot, before)) if q == s)
+
+
 def asks_for_description(question: str) -> bool:
     """Whether the question asks for a description (how, why, what methods/effects...): a clause, not a name."""
     return bool(_DESCRIBE.search(question))
@@ -266,12 +304,15 @@ def _starts_name(toks, i: int) -> bool:
     return True
 
 
-def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool = False) -> list[Span]:
+def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool = False,
+                 lists: bool = False) -> list[Span]:
     """Candidate answers in ``sentence``: dates, numbers (with units), names and content phrases.
 
     Spans never start or end on a stop word or punctuation, and never cross a comma,
     semicolon or bracket (except inside a number). With ``clauses``, the longer stretches
-    between such marks (up to MAX_CLAUSE_WORDS words) are candidates too, of kind CLAUSE. Duplicates (same offsets) are dropped;
+    between such marks (up to MAX_CLAUSE_WORDS words) are candidates too, of kind CLAUSE. With ``lists``,
+    enumerations ("A, B, and C") are too: a PHRASE up to ``max_words``, longer ones a CLAUSE (with ``clauses``).
+    Duplicates (same offsets) are dropped;
     the order is by position.
     """
     toks = tokens(sentence)
@@ -387,4 +428,50 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 words = sum(1 for t in toks[i : end + 1] if _is_word(t))
                 if max_words < words <= MAX_CLAUSE_WORDS:
                     add(i, end, CLAUSE)
+    if lists:
+        for i, j in _enumerations(toks):
+            words = sum(1 for t in toks[i : j + 1] if _is_word(t))
+            if words <= max_words:
+                add(i, j, PHRASE)
+            elif clauses:
+                add(i, j, CLAUSE)
     return [Span(sentence[s:e], s, e, kind) for (s, e), kind in sorted(found.items())]
+
+
+_LIST_JOINS = {"and", "or"}
+MAX_LIST_ITEM_WORDS = 6  # an item of an enumeration is a short noun phrase ("alveolar ducts", "protein chip")
+
+
+def _enumerations(toks: list[Token]) -> list[tuple[int, int]]:
+    """Token ranges (inclusive) of enumerations, "A, B, and C" / "A, B or C": three or more items, commas
+    between them and "and"/"or" before the last. Where the first item starts and the last one ends is ambiguous
+    without a parser ("consists of respiratory bronchioles, ...", "... and Spain agreed"), so every start and end
+    up to one word longer than the longest middle item, not on a stop word, gives one range."""
+    n, out = len(toks), []
+    for k, t in enumerate(toks):
+        if t.text.lower() not in _LIST_JOINS or k == 0 or k + 1 >= n or not _is_word(toks[k + 1]):
+            continue
+        b, middle = (k - 1 if toks[k - 1].text == "," else k), []
+        while True:  # the items before the join, from the last one back; each ends where a comma follows
+            s = b - 1
+            while s >= 0 and _is_word(toks[s]) and toks[s].text.lower() not in _LIST_JOINS and b - s <= MAX_LIST_ITEM_WORDS:
+                s -= 1
+            if s == b - 1:
+                break
+            middle.append((s + 1, b - 1))
+            if s < 0 or toks[s].text != "," or len(middle) >= 8:
+                break
+            b = s
+        if len(middle) < 2:  # the first item and at least one between commas, then the last
+            continue
+        longest = max(j - i + 1 for i, j in middle[:-1]) + 1
+        first_i, first_j = middle[-1]
+        starts = [i for i in range(max(first_i, first_j - longest + 1), first_j + 1) if not _is_stop(toks[i])]
+        ends = []
+        for e in range(k + 1, min(n, k + 1 + longest)):
+            if not _is_word(toks[e]) or toks[e].text.lower() in _LIST_JOINS:
+                break
+            if not _is_stop(toks[e]) or _is_numeric(toks[e]):
+                ends.append(e)
+        out += [(i, e) for i in starts for e in ends]
+    return out

@@ -448,3 +448,44 @@ def test_a_month_alone_is_a_date_and_an_opening_adverb_is_no_name():
     assert kinds["March"] == T.DATE and kinds["3 March"] == T.DATE  # "Who ...?" no longer finds a name in a month
     assert kinds.get("Notably") != T.NAME and "March the Senate" not in kinds and kinds["Senate"] == T.NAME
     assert {sp.text: sp.kind for sp in T.answer_spans("Italy, France and Spain agreed.")}["Italy"] == T.NAME
+
+
+def test_enumerations_are_candidates_only_when_asked_for():
+    s = "The human airway consists of respiratory bronchioles, alveolar ducts, and alveolar sacs."
+    plain = {sp.text for sp in T.answer_spans(s)}
+    assert not any("," in t for t in plain)  # spans never cross a comma unless lists are asked for
+    kinds = {sp.text: sp.kind for sp in T.answer_spans(s, lists=True)}
+    assert kinds["respiratory bronchioles, alveolar ducts, and alveolar sacs"] == T.PHRASE
+    assert "consists of respiratory bronchioles, alveolar ducts, and alveolar sacs" not in kinds  # no longer than an item + 1
+    assert "IFITM1, 2, and 3" in {sp.text for sp in T.answer_spans("IFITM1, 2, and 3 have antiviral activity.", lists=True)}
+    long = ("Methods include two-dimensional gel electrophoresis, protein chip, mass spectrometry, and suspension "
+            "array technology.")
+    wanted = "two-dimensional gel electrophoresis, protein chip, mass spectrometry, and suspension array technology"
+    assert wanted not in {sp.text for sp in T.answer_spans(long, lists=True)}  # longer than max_words: a clause
+    assert {sp.text: sp.kind for sp in T.answer_spans(long, lists=True, clauses=True)}[wanted] == T.CLAUSE
+    assert not [sp for sp in T.answer_spans("Salt and pepper, he said.", lists=True) if "," in sp.text]  # two items
+    for sp in T.answer_spans(long, lists=True, clauses=True):
+        assert long[sp.start : sp.end] == sp.text
+
+
+def test_the_slot_feature_reads_the_words_before_the_question_word():
+    assert T.slot_words("The inside of a ctenophore is lined with what?") == ["with", "line"]  # in place: its left words
+    assert T.slot_words("What did the water flow across?") == ["across"]  # fronted: the stranded preposition
+    assert T.slot_words("Who discovered oxygen?") == [] and T.slot_words("How long is the Danube?") == []
+    s = "The inner surface of the cavity is lined with an epithelium, the gastrodermis."
+    assert T.words_before(s, s.index("epithelium")) == ["with", "line"]  # the article is skipped
+    assert T.slot_match(["with", "line"], ["with", "line"]) == 1.5
+    assert T.slot_match(["with", "line"], ["line", "with"]) == 0.0  # order counts: nearest against nearest
+    import numpy as np
+
+    from memchat.reader import FEATURES, features
+
+    class Flat:  # a deterministic embedder: every text the same unit vector
+        def encode(self, texts):
+            return np.ones((len(texts), 4), dtype=np.float32) / 2.0
+
+    cands, X = features("The inside of a ctenophore is lined with what?", [s], [1.0], Flat(), lambda w: 1.0)
+    slot = {sp.text: X[n, FEATURES.index("slot")] for n, (_, sp) in enumerate(cands)}
+    assert slot["epithelium"] == 1.5 and slot["gastrodermis"] == 0.0 and slot["cavity"] == 0.0
+    _, X = features("What is the gastrodermis?", [s], [1.0], Flat(), lambda w: 1.0)
+    assert not X[:, FEATURES.index("slot")].any()  # a fronted question word with nothing stranded: no slot
