@@ -440,6 +440,7 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
 
 _LIST_JOINS = {"and", "or"}
 MAX_LIST_ITEM_WORDS = 6  # an item of an enumeration is a short noun phrase ("alveolar ducts", "protein chip")
+MAX_LIST_ITEMS = 8  # items read back from the join; longer runs of commas are tables or keyword lists
 
 
 def _enumerations(toks: list[Token]) -> list[tuple[int, int]]:
@@ -451,21 +452,21 @@ def _enumerations(toks: list[Token]) -> list[tuple[int, int]]:
     for k, t in enumerate(toks):
         if t.text.lower() not in _LIST_JOINS or k == 0 or k + 1 >= n or not _is_word(toks[k + 1]):
             continue
-        b, middle = (k - 1 if toks[k - 1].text == "," else k), []
-        while True:  # the items before the join, from the last one back; each ends where a comma follows
+        b, items = (k - 1 if toks[k - 1].text == "," else k), []
+        while True:  # the items before the join, nearest first: each ends where a comma follows
             s = b - 1
             while s >= 0 and _is_word(toks[s]) and toks[s].text.lower() not in _LIST_JOINS and b - s <= MAX_LIST_ITEM_WORDS:
                 s -= 1
             if s == b - 1:
                 break
-            middle.append((s + 1, b - 1))
-            if s < 0 or toks[s].text != "," or len(middle) >= 8:
+            items.append((s + 1, b - 1))
+            if s < 0 or toks[s].text != "," or len(items) >= MAX_LIST_ITEMS:
                 break
             b = s
-        if len(middle) < 2:  # the first item and at least one between commas, then the last
+        if len(items) < 2:  # the first item and at least one between commas, then the last
             continue
-        longest = max(j - i + 1 for i, j in middle[:-1]) + 1
-        first_i, first_j = middle[-1]
+        longest = max(j - i + 1 for i, j in items[:-1]) + 1  # the middle items (between commas) are exact
+        first_i, first_j = items[-1]
         starts = [i for i in range(max(first_i, first_j - longest + 1), first_j + 1) if not _is_stop(toks[i])]
         ends = []
         for e in range(k + 1, min(n, k + 1 + longest)):
