@@ -489,3 +489,27 @@ def test_the_slot_feature_reads_the_words_before_the_question_word():
     assert slot["epithelium"] == 1.5 and slot["gastrodermis"] == 0.0 and slot["cavity"] == 0.0
     _, X = features("What is the gastrodermis?", [s], [1.0], Flat(), lambda w: 1.0)
     assert not X[:, FEATURES.index("slot")].any()  # a fronted question word with nothing stranded: no slot
+
+
+@pytest.mark.parametrize("sentence, question, answer, without", [
+    ("The inner surface of the cavity is lined with an epithelium, the gastrodermis.",
+     "The inside of a ctenophore is lined with what?", "epithelium", "inner surface of the cavity"),
+    ("If they enter brackish water, the ciliary rosettes in the body cavity may pump this into the mesoglea to "
+     "increase its bulk.", "Ciliary rosettes pump water into what to control buoyancy?", "mesoglea", "body cavity"),
+])
+def test_the_shipped_weights_follow_the_slot(sentence, question, answer, without):
+    """squad2 questions (dev set) whose pick the slot feature turned around: with the shipped weights the reader
+    takes the span after the question's "lined with" / "into"; with the slot's weight at 0 it took another phrase."""
+    import numpy as np
+
+    from memchat.config import ReaderConfig
+    from memchat.reader import FEATURES, ExtractiveReader
+
+    class Flat:  # every text the same vector: the embedding features say nothing, the lexical ones decide
+        def encode(self, texts):
+            return np.ones((len(texts), 4), dtype=np.float32) / 2.0
+
+    weights = list(ReaderConfig().weights)
+    assert ExtractiveReader(Flat(), weights).read(question, [sentence], [1.0]).answer == answer
+    weights[FEATURES.index("slot")] = 0.0
+    assert ExtractiveReader(Flat(), weights).read(question, [sentence], [1.0]).answer == without
