@@ -274,7 +274,7 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
             float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
             float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
             float(sp.kind == T.CLAUSE), 0.0,
-            T.slot_match(slot, T.words_before(sentences[si], sp.start)) if slot else 0.0,
+            T.slot_match(slot, T.words_before(toks[si], sp.start)) if slot else 0.0,
         )
     return cands, X
 

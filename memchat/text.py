@@ -184,16 +184,21 @@ def slot_words(question: str, n: int = 2) -> list[str]:
         if w in _SLOT_WH:
             if i == 0:
                 break
-            return [stem(x) for x in words[:i] if x not in _DETERMINERS][::-1][:n]
+            return _nearest_stems(words[:i], n)
         if w in {"why", "how"}:
             return []
     return [stem(words[-1])] if words and words[-1] in _PREPOSITIONS else []
 
 
-def words_before(sentence: str, start: int, n: int = 2) -> list[str]:
-    """The stems of the ``n`` words before character ``start`` of ``sentence``, nearest first (determiners skipped)."""
-    before = [t.text.lower() for t in tokens(sentence[:start]) if _is_word(t)]
-    return [stem(w) for w in before if w not in _DETERMINERS][::-1][:n]
+def words_before(toks: Sequence["Token"], start: int, n: int = 2) -> list[str]:
+    """The stems of the ``n`` words of a sentence's ``tokens`` that end by character ``start``, nearest first
+    (determiners skipped)."""
+    return _nearest_stems([t.text.lower() for t in toks if t.end <= start and _is_word(t)], n)
+
+
+def _nearest_stems(words: Sequence[str], n: int) -> list[str]:
+    """The stems of the last ``n`` lower-case ``words`` that are no determiner, last first."""
+    return [stem(w) for w in words if w not in _DETERMINERS][::-1][:n]
 
 
 def slot_match(slot: Sequence[str], before: Sequence[str]) -> float:

@@ -450,6 +450,16 @@ def test_a_month_alone_is_a_date_and_an_opening_adverb_is_no_name():
     assert {sp.text: sp.kind for sp in T.answer_spans("Italy, France and Spain agreed.")}["Italy"] == T.NAME
 
 
+class Flat:
+    """An embedder that gives every text the same unit vector: the reader's embedding features say nothing, so the
+    lexical ones decide."""
+
+    def encode(self, texts):
+        import numpy as np
+
+        return np.ones((len(texts), 4), dtype=np.float32) / 2.0
+
+
 def test_enumerations_are_candidates_only_when_asked_for():
     s = "The human airway consists of respiratory bronchioles, alveolar ducts, and alveolar sacs."
     plain = {sp.text for sp in T.answer_spans(s)}
@@ -473,16 +483,10 @@ def test_the_slot_feature_reads_the_words_before_the_question_word():
     assert T.slot_words("What did the water flow across?") == ["across"]  # fronted: the stranded preposition
     assert T.slot_words("Who discovered oxygen?") == [] and T.slot_words("How long is the Danube?") == []
     s = "The inner surface of the cavity is lined with an epithelium, the gastrodermis."
-    assert T.words_before(s, s.index("epithelium")) == ["with", "line"]  # the article is skipped
+    assert T.words_before(T.tokens(s), s.index("epithelium")) == ["with", "line"]  # the article is skipped
     assert T.slot_match(["with", "line"], ["with", "line"]) == 1.5
     assert T.slot_match(["with", "line"], ["line", "with"]) == 0.0  # order counts: nearest against nearest
-    import numpy as np
-
     from memchat.reader import FEATURES, features
-
-    class Flat:  # a deterministic embedder: every text the same unit vector
-        def encode(self, texts):
-            return np.ones((len(texts), 4), dtype=np.float32) / 2.0
 
     cands, X = features("The inside of a ctenophore is lined with what?", [s], [1.0], Flat(), lambda w: 1.0)
     slot = {sp.text: X[n, FEATURES.index("slot")] for n, (_, sp) in enumerate(cands)}
@@ -500,14 +504,8 @@ def test_the_slot_feature_reads_the_words_before_the_question_word():
 def test_the_shipped_weights_follow_the_slot(sentence, question, answer, without):
     """squad2 questions (dev set) whose pick the slot feature turned around: with the shipped weights the reader
     takes the span after the question's "lined with" / "into"; with the slot's weight at 0 it took another phrase."""
-    import numpy as np
-
     from memchat.config import ReaderConfig
     from memchat.reader import FEATURES, ExtractiveReader
-
-    class Flat:  # every text the same vector: the embedding features say nothing, the lexical ones decide
-        def encode(self, texts):
-            return np.ones((len(texts), 4), dtype=np.float32) / 2.0
 
     weights = list(ReaderConfig().weights)
     assert ExtractiveReader(Flat(), weights).read(question, [sentence], [1.0]).answer == answer
