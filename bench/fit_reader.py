@@ -178,6 +178,8 @@ def main(argv=None) -> int:
                    "of ingesting and scoring (seconds, not minutes: for trying objectives)")
     p.add_argument("--objective", default="best", choices=OBJECTIVES, help="what the fit maximises (see fit())")
     p.add_argument("--l2", type=float, default=0.01, help="L2 penalty on the standardised weights")
+    p.add_argument("--reader-sentences", type=int, default=0,
+                   help="evidence sentences the reader takes spans from (0 = RAGConfig's default)")
     p.add_argument("--confidence-curve", action="store_true",
                    help="also print what abstaining below a confidence would trade, per set")
     args = p.parse_args(argv)
@@ -206,7 +208,10 @@ def main(argv=None) -> int:
             home = tempfile.mkdtemp(prefix=f"memchat-fit-{name}-")
             kb = KnowledgeBase(Path(home) / "store")
             kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
-            rag = RAGPipeline(kb, generator, rag=RAGConfig())
+            cfg = RAGConfig()
+            if args.reader_sentences:
+                cfg.reader_sentences = args.reader_sentences
+            rag = RAGPipeline(kb, generator, rag=cfg)
             reader = build_reader(kb.embedder(), generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
             rows += collect(name, SETS[name], rag, reader, args.limit)
     train = [r for r in rows if r["set"] in args.train.split(",")]

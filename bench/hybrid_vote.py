@@ -12,6 +12,15 @@ retrieval, no vote.
 One approximation: the reader's LM columns are made once, for the 24 spans best by the reader's score plus the
 largest vote's bonus, so every span a draft could lift is LM-scored; at a smaller vote the answer path would
 LM-score the best 24 by that smaller bonus instead. Abstentions count as empty answers (F1 0).
+
+``--signals``: can anything the fine-tuned model says about itself tell when its draft should move the reader? On
+the hybrid's retrieval, the reader's best ``--signal-spans`` candidates, each against RAG in the same run:
+  ft-base   the span's log p under the fine-tuned model minus under the RAG model (its base when both are the
+            bundled SmolLM2), closed-book, after the question: what fine-tuning taught about that span;
+  ft-null   the same fine-tuned log p minus its log p after NULL_QUESTION: what the question adds for that model;
+  gated     the vote (--signal-vote x draft_trust x token F1 with the draft) only where the reader is unsure (its
+            pick's softmax share below 0.3);
+  confident the vote only for drafts whose mean token log p under their own model is above the median draft's.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", default="", help="the fine-tuned model (default: HOME/models/full)")
     p.add_argument("--votes", default="0,1,2,2.5,3,4,6,8", help="DRAFT_VOTE values to try")
     p.add_argument("--limit", type=int, default=0, help="first N questions")
+    p.add_argument("--signals", action="store_true", help="also try the model-side signals (see above)")
+    p.add_argument("--signal-spans", type=int, default=24, help="candidates per question the signals score")
+    p.add_argument("--signal-vote", type=float, default=2.5, help="the vote the gated rows apply (2.5: the vote before)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["MEMCHAT_HOME"] = args.home
@@ -102,7 +114,61 @@ def main(argv=None) -> int:
         matched_f1 = 100 * np.mean([token_f1(pl[0][int(np.argmax(pl[2]))], q.answers) for q, _, pl in exact])
         print(f"\ndrafts matching a span exactly: {len(exact)} of {len(rows)}; that span's F1 {matched_f1:.1f}, "
               f"the reader's own pick's {reader_f1:.1f}")
+    if args.signals:
+        signals(rows, hybrid, rag_f1, args.signal_vote * trust, args.signal_spans)
     return 0
+
+
+def signals(rows, hybrid, rag_f1: float, vote: float, n: int) -> None:
+    """The --signals table (module docstring): F1 of each way of letting the model move the reader's pick."""
+    from memchat.reader import NULL_QUESTION
+    from memchat.text import token_f1
+
+    chat, base = hybrid.chat, hybrid.rag.generator
+    eos = chat.generator.tokenizer.eos_token or ""
+    scored = []
+    for q, d, _, fused in rows:
+        if fused is None or not len(fused[0]):
+            scored.append(None)
+            continue
+        texts, s, h = fused
+        top = np.argsort(-s)[:n]
+        cands = [texts[i] for i in top]
+        asked = [(chat.messages(q.question), t + eos) for t in cands]
+        ft = np.array(chat.generator.loglikelihoods(asked))
+        null = np.array(chat.generator.loglikelihoods([(chat.messages(NULL_QUESTION), t + eos) for t in cands]))
+        bs = np.array(base.loglikelihoods(asked))
+        p = np.exp(s[top] - s[top].max())
+        n_tok = max(1, len(chat.generator.tokenizer(d.strip() + eos, add_special_tokens=False)["input_ids"]))
+        confidence = chat.generator.loglikelihoods([(chat.messages(q.question), d.strip() + eos)])[0] / n_tok
+        scored.append({"q": q, "cands": cands, "s": s[top], "h": h[top], "ft": ft, "null": null, "base": bs,
+                       "unsure": p.max() / p.sum() < 0.3, "confidence": confidence})
+    median = float(np.median([r["confidence"] for r in scored if r]))
+
+    def f1_with(bonus) -> float:
+        total = 0.0
+        for r in scored:
+            if r is not None:
+                total += token_f1(r["cands"][int(np.argmax(r["s"] + bonus(r)))], r["q"].answers)
+        return 100 * total / len(rows)
+
+    print(f"\nsignals on the hybrid's retrieval, the reader's best {n} candidates (RAG F1 {rag_f1:.1f}; "
+          f"the vote now {vote:.2f} at token F1 1)")
+    print(f"{'signal':10s} {'weight':>7s} {'F1':>6s} {'vs RAG':>7s}")
+    lines = [("ft-base", lam, lambda r, lam=lam: lam * (r["ft"] - r["base"])) for lam in (0.1, 0.5, 1.0)]
+    lines += [("ft-null", lam, lambda r, lam=lam: lam * (r["ft"] - r["null"])) for lam in (0.1, 0.5, 1.0)]
+    lines += [("gated", vote, lambda r: vote * r["h"] if r["unsure"] else 0.0),
+              ("confident", vote, lambda r: vote * r["h"] if r["confidence"] > median else 0.0)]
+    for name, weight, bonus in lines:
+        f1 = f1_with(bonus)
+        print(f"{name:10s} {weight:7.2f} {f1:6.1f} {f1 - rag_f1:+7.1f}")
+    ranked = sorted((r for r in scored if r), key=lambda r: -r["confidence"])
+    half = len(ranked) // 2
+    for label, part in (("above", ranked[:half]), ("below", ranked[half:])):
+        drafts = [d for q, d, _, _ in rows if any(r["q"] is q for r in part)]
+        golds = [q.answers for q, _, _, _ in rows if any(r["q"] is q for r in part)]
+        f1 = 100 * np.mean([token_f1(d, g) for d, g in zip(drafts, golds)]) if drafts else 0.0
+        print(f"drafts {label} the median confidence: {len(part)}, their closed-book F1 {f1:.1f}")
 
 
 if __name__ == "__main__":
