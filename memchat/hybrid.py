@@ -52,14 +52,15 @@ VERIFY_EVIDENCE = 4  # evidence sentences a draft's words are checked against
 # documents perfectly; scaled by the model's own measured knowledge (draft_trust). The bonus is added to the
 # reader's scores, which are log-odds (a conditional logit): a bonus of 1 gives a span its draft matches e times the
 # odds. Measured (bench/hybrid_vote.py, bench/README.md), F1 against RAG at vote 0 (the draft only widens
-# retrieval) / 2.5 (the vote before): four SmolLM2-135M models, +0.5 / +0.2 and +0.6 / -1.5 on qa_dev_squad2,
-# -2.0 / +1.7 and +0.0 / -3.1 on qa_dev (the last with today's reader, which the draft's spans must now beat: the
-# drafts that match a span exactly pick F1 29.4 against the reader's 61.0). 0 is better on the mean (-0.2 against
-# -0.7) and on the worst case (-2.0 against -3.1). Nothing the model says about itself told the good votes from the
-# bad (`hybrid_vote.py --signals`: its closed-book span likelihoods, its confidence in the draft, the reader's own
-# doubt), and the probe's knowledge F1 ranks the models wrongly (0.535 for the one that knows least). So the draft
-# widens retrieval and does not vote, until a model is measured that picks spans better than the reader; a larger
-# fine-tuned model in generative mode goes through _choose instead, which the vote does not touch.
+# retrieval) / 2.5 (the vote before), four SmolLM2-135M models, each at its latest measurement: +0.0 / -1.4 and
+# +0.6 / -1.5 on qa_dev_squad2, +0.0 / +4.2 and +0.0 / -3.1 on qa_dev (the last with today's reader, which the
+# draft's spans must now beat: drafts that match a span exactly pick F1 29.4 against the reader's 61.0). Vote 0 is
+# better pooled over the 462 questions (+0.2 against -1.0) and in the worst case (0.0 against -3.1). Nothing the
+# model says about itself told the good votes from the bad (`hybrid_vote.py --signals`: its closed-book span
+# likelihoods, its confidence in the draft, the reader's own doubt), and the probe's knowledge F1 ranks the models
+# wrongly (0.535 for the one that knows least). So the draft widens retrieval and does not vote, until a model is
+# measured that picks spans better than the reader; a larger fine-tuned model in generative mode goes through
+# _choose instead, which the vote does not touch.
 DRAFT_VOTE = 0.0
 UNMEASURED_TRUST = 0.25  # a model without a knowledge measurement (made elsewhere) gets a modest say
 
