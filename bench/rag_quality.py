@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--generative-limit", type=int, default=40, help="questions per set for rows that generate")
     p.add_argument("--unanswerable-limit", type=int, default=60, help="unanswerable questions per set (0 = all)")
     p.add_argument("--model", default="Qwen/Qwen2.5-1.5B-Instruct", help="generation model (falls back to bundled)")
+    p.add_argument("--top-k", default="", help="comma-separated chunks retrieved, each a row of its own "
+                   "(default: RAGConfig.top_k)")
     p.add_argument("--out", default="", help="write every report as JSON here")
     p.add_argument("--unanswerable-from", default="",
                    help="whose questions each store is asked as unanswerable, e.g. squad2=qa_dev,qa_dev=squad2 "
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
 
     generator = Generator(args.model)
     row_names = args.rows.split(",")
+    top_ks = [int(k) for k in args.top_k.split(",") if k] or [0]
     table = []
     gates = []
     reports = {}
@@ -97,8 +100,8 @@ def main(argv=None) -> int:
         print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks)", file=sys.stderr)
         answerable = load_questions(SETS[name] / "qa.jsonl")
         unanswerable = sample(load_questions(SETS[others[name]] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
-        for row in row_names:
-            cfg = RAGConfig()
+        for row, k in [(r, k) for r in row_names for k in top_ks]:
+            cfg = RAGConfig(top_k=k or RAGConfig.top_k)
             mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
                     "auto": "auto"}[row]
             if row == "baseline":
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
             rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
                               mode=mode)
             resolved = rag.resolved_mode()
+            label = f"{row} k={cfg.top_k}" if len(top_ks) > 1 else row
             same = next((r for n2, r, m in table if n2 == name and r == resolved and row == "auto"), None)
             if same is not None:  # auto resolved to a row already measured: the same computation, not run twice
                 table.append((name, f"auto (= {resolved})", next(m for n2, r, m in table if n2 == name and r == same)))
@@ -114,14 +118,14 @@ def main(argv=None) -> int:
             n = args.generative_limit if generates else args.limit
             qs = sample(answerable, n) + sample(unanswerable, min(n, len(unanswerable)) if n else 0)
             rep = evaluate(qs, [RAGSystem(rag)], EvalConfig(systems=("rag",), top_k=cfg.top_k),
-                           questions_file=f"{name}:{row}")
+                           questions_file=f"{name}:{label}")
             m = rep.systems["rag"]["metrics"]
-            reports[f"{name}:{row}"] = rep.to_dict()
-            table.append((name, row, m))
-            gates.append((name, row, cfg.min_relevance, gate_spread(qs, rep.rows["rag"])))
-            print(f"  {row}: done ({rep.seconds:.0f} s)", file=sys.stderr)
+            reports[f"{name}:{label}"] = rep.to_dict()
+            table.append((name, label, m))
+            gates.append((name, label, cfg.min_relevance, gate_spread(qs, rep.rows["rag"])))
+            print(f"  {label}: done ({rep.seconds:.0f} s)", file=sys.stderr)
 
-    head = ["set", "row", "n (ans/unans)", "passage@4", "contains", "F1", "EM", "wrong+conf", "abstain (ans)",
+    head = ["set", "row", "n (ans/unans)", "passage@k", "contains", "F1", "EM", "wrong+conf", "abstain (ans)",
             "abstain (unans)", "p50 s", "p95 s"]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = [head]

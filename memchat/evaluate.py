@@ -63,7 +63,7 @@ RESULTS_DIRNAME = "eval_results"
 @dataclass
 class EvalConfig:
     systems: tuple[str, ...] = SYSTEMS
-    top_k: int = 4  # chunks retrieved (RAGConfig's default): hit@k uses the same k
+    top_k: int = config.RAGConfig.top_k  # chunks retrieved, as RAG does: hit@k and passage recall@k use this k
     max_new_tokens: int = 64  # gold answers are short; long answers only cost time
     rag_max_new_tokens: int = 64  # same cap for RAG, so latencies compare like for like
     batch_size: int = 1  # 1 = true per-question latency; >1 = faster runs, amortised latency
