@@ -14,8 +14,8 @@ for what it is good at:
             ``draft_vote`` above 0 the draft also *votes* among the candidate spans (a
             bonus of draft_vote x the model's measured knowledge F1 x the span's token F1
             with the draft); a draft that misremembers still cannot put its words in the
-            documents' mouth. The default vote is 0 (DRAFT_VOTE: no fine-tuned model
-            measured so far beats the reader at picking the span);
+            documents' mouth. The default vote is 0 (DRAFT_VOTE: over the fine-tuned
+            models measured so far, a vote lost more than it gained);
           - generative: the grounded answer is generated; the draft replaces it only
             when the evidence supports the draft clearly better (``rag.support`` at
             least VERIFY_MIN_SUPPORT and VERIFY_MARGIN more); the RAG's verification
@@ -169,9 +169,9 @@ class HybridPipeline:
         Extractive (small models): the answer is still a span of the evidence; with ``verify`` and a
         ``draft_vote`` above 0 the draft votes among the candidate spans (draft_vote x trust x the
         span's token F1 with the draft), and a draft that misremembers cannot put words in the
-        documents' mouth. Generative: the grounded answer
-        is generated, and the evidence decides between it and the draft (``_choose``), then the
-        RAG's verification applies to whichever was chosen.
+        documents' mouth. Generative: the grounded answer is generated, and the evidence decides
+        between it and the draft (``_choose``), then the RAG's verification applies to whichever
+        was chosen.
         """
         t0 = time.perf_counter()
         if self.strategy == "route":
