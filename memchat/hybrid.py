@@ -42,6 +42,9 @@ from .text import token_f1
 from .rag import ANSWERED, Answer, Evidence, RAGPipeline, support
 
 STRATEGIES = ("verify", "expand", "route")
+# HybridAnswer.route: the evidence's answer; the same, which the draft agreed with (or, with a vote, chose); the
+# draft itself, backed by the evidence (generative mode); the fine-tuned model alone (strategy "route").
+ROUTES = ("grounded", "draft+grounded", "draft", "finetuned")
 DEFAULT_STRATEGY = "verify"
 DRAFT_MAX_NEW_TOKENS = 48  # a draft only needs the key words; longer drafts dilute the query
 ROUTE_THRESHOLD = 0.35  # cosine of MiniLM: below it, the best chunk is rarely about the question
@@ -77,7 +80,7 @@ def draft_trust(chat) -> float:
 @dataclass
 class HybridAnswer(Answer):
     draft: str = ""  # the fine-tuned model's draft ("" when the strategy made none)
-    route: str = ""  # what produced ``text``: "grounded" | "draft" | "finetuned"
+    route: str = ""  # what produced ``text``: one of ROUTES
     strategy: str = ""
 
 
@@ -190,7 +193,7 @@ class HybridPipeline:
                         self.rag.extract(h, hint=d if self.strategy == "verify" else "",
                                          hint_weight=self.draft_vote * draft_trust(self.chat))
                         if self.strategy == "verify" and d.strip() and token_f1(h.text, [d]) > 0:
-                            h.route = "draft+grounded"  # the draft agreed with (or chose) the span
+                            h.route = "draft+grounded"  # the draft agreed with the span (or, with a vote, chose it)
                     else:
                         todo.append(len(out))
                         prompts.append(messages)

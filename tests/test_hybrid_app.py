@@ -153,3 +153,11 @@ def test_strategies_answer_and_stream(strategy, tiny_gpt2_dir, tiny_qwen_dir):
     assert "".join(pieces).strip() == answer.text and answer.route
     gen, messages = hybrid.scorer("What is a prime number?")
     assert messages and gen is (hybrid.chat.generator if strategy == "route" else rag.generator)
+
+
+def test_every_route_the_hybrid_reports_has_a_caption():
+    from memchat import hybrid
+    from memchat.ui import hybrid_app
+
+    assert set(hybrid_app.ROUTES) == set(hybrid.ROUTES)
+    assert all(hybrid_app.ROUTES[r].strip() for r in hybrid.ROUTES)

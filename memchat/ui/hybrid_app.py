@@ -34,6 +34,7 @@ from memchat.ui.common import (errors_shown, generation_settings, get_generator,
 MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
 ROUTES = {  # HybridAnswer.route -> what the caption says produced the answer
     "grounded": "grounded in the evidence",
+    "draft+grounded": "grounded in the evidence; the fine-tuned draft agreed",
     "draft": "the fine-tuned draft, backed by the evidence",
     "finetuned": "the fine-tuned model alone (the documents did not match)",
 }
