@@ -14,7 +14,7 @@ figures are the same ones ``test_finetuned_model.py --eval`` reports:
   generative+verify  hybrid retrieval, the model writes, the evidence must support it
   auto            the default: extractive for the bundled model, generative above 1B
 
-Columns: passage recall@4 (gold answer inside the 4 retrieved chunks), contains,
+Columns: passage recall@k (gold answer inside the k retrieved chunks, RAGConfig.top_k or --top-k), contains,
 F1, EM, wrong-and-confident (answered with F1 < 0.2), abstention on answerable and
 on unanswerable questions, p50/p95 seconds per question (one at a time, models
 loaded). Rows that generate are slow on CPU: ``--generative-limit`` caps their
