@@ -135,14 +135,13 @@ def signals(rows, hybrid, rag_f1: float, vote: float, n: int) -> None:
         top = np.argsort(-s)[:n]
         cands = [texts[i] for i in top]
         asked = [(chat.messages(q.question), t + eos) for t in cands]
-        ft = np.array(chat.generator.loglikelihoods(asked))
+        *ft, draft_lp = chat.generator.loglikelihoods(asked + [(chat.messages(q.question), d.strip() + eos)])
         null = np.array(chat.generator.loglikelihoods([(chat.messages(NULL_QUESTION), t + eos) for t in cands]))
         bs = np.array(base.loglikelihoods(asked))
         p = np.exp(s[top] - s[top].max())
         n_tok = max(1, len(chat.generator.tokenizer(d.strip() + eos, add_special_tokens=False)["input_ids"]))
-        confidence = chat.generator.loglikelihoods([(chat.messages(q.question), d.strip() + eos)])[0] / n_tok
-        scored.append({"q": q, "cands": cands, "s": s[top], "h": h[top], "ft": ft, "null": null, "base": bs,
-                       "unsure": p.max() / p.sum() < 0.3, "confidence": confidence})
+        scored.append({"q": q, "draft": d, "cands": cands, "s": s[top], "h": h[top], "ft": np.array(ft), "null": null,
+                       "base": bs, "unsure": p.max() / p.sum() < 0.3, "confidence": draft_lp / n_tok})
     median = float(np.median([r["confidence"] for r in scored if r]))
 
     def f1_with(bonus) -> float:
@@ -165,9 +164,7 @@ def signals(rows, hybrid, rag_f1: float, vote: float, n: int) -> None:
     ranked = sorted((r for r in scored if r), key=lambda r: -r["confidence"])
     half = len(ranked) // 2
     for label, part in (("above", ranked[:half]), ("below", ranked[half:])):
-        drafts = [d for q, d, _, _ in rows if any(r["q"] is q for r in part)]
-        golds = [q.answers for q, _, _, _ in rows if any(r["q"] is q for r in part)]
-        f1 = 100 * np.mean([token_f1(d, g) for d, g in zip(drafts, golds)]) if drafts else 0.0
+        f1 = 100 * np.mean([token_f1(r["draft"], r["q"].answers) for r in part]) if part else 0.0
         print(f"drafts {label} the median confidence: {len(part)}, their closed-book F1 {f1:.1f}")
 
 

@@ -109,10 +109,11 @@ def main(argv=None) -> int:
             rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
                               mode=mode)
             resolved = rag.resolved_mode()
-            label = f"{row} k={cfg.top_k}" if len(top_ks) > 1 else row
-            same = next((r for n2, r, m in table if n2 == name and r == resolved and row == "auto"), None)
+            with_k = (lambda r: f"{r} k={cfg.top_k}") if len(top_ks) > 1 else (lambda r: r)  # noqa: E731
+            label = with_k(row)
+            same = next((m for n2, r, m in table if n2 == name and r == with_k(resolved) and row == "auto"), None)
             if same is not None:  # auto resolved to a row already measured: the same computation, not run twice
-                table.append((name, f"auto (= {resolved})", next(m for n2, r, m in table if n2 == name and r == same)))
+                table.append((name, with_k(f"auto (= {resolved})"), same))
                 continue
             generates = resolved == "generative"
             n = args.generative_limit if generates else args.limit

@@ -182,6 +182,7 @@ class HybridPipeline:
         else:
             mode = self.rag.resolved_mode()
             drafts = self.drafts(questions, batch_size)
+            vote = self.draft_vote * draft_trust(self.chat)  # one model, one trust: read its meta once per batch
             out, todo, prompts = [], [], []
             for q, d in zip(questions, drafts):
                 hits, ev, messages, timings = self._grounded(q, d)
@@ -191,7 +192,7 @@ class HybridPipeline:
                 if h.status == ANSWERED:
                     if mode == "extractive":
                         self.rag.extract(h, hint=d if self.strategy == "verify" else "",
-                                         hint_weight=self.draft_vote * draft_trust(self.chat))
+                                         hint_weight=vote)
                         if self.strategy == "verify" and d.strip() and token_f1(h.text, [d]) > 0:
                             h.route = "draft+grounded"  # the draft agreed with the span (or, with a vote, chose it)
                     else:
