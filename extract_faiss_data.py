@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation-families", type=int, default=d.validation_families_per_chunk, metavar="N",
                    help="question families (a question + its paraphrases) held out for validation per chunk with two "
                         f"or more; every chunk is still trained on (default {d.validation_families_per_chunk})")
+    g.add_argument("--probe-questions", type=int, default=d.probe_questions_per_chunk, metavar="N",
+                   help="span probes per chunk: validation wh questions about answer spans no training item asks "
+                        f"for, in trained sentences; nothing leaves training for them (default {d.probe_questions_per_chunk})")
     g.add_argument("--no-documents", dest="documents", action="store_false", default=d.include_documents,
                    help="leave out the chunks' own text (plain language-model examples)")
     g.add_argument("--no-restatements", dest="restatements", action="store_false", default=d.include_restatements,
@@ -108,6 +111,7 @@ def extract(args) -> int:
         variations_per_question=args.variations,
         batch_size=args.batch_size,
         validation_families_per_chunk=args.validation_families,
+        probe_questions_per_chunk=args.probe_questions,
         include_documents=args.documents,
         include_restatements=args.restatements,
         restatement_spans_per_sentence=args.spans_per_sentence,
@@ -121,6 +125,7 @@ def extract(args) -> int:
         f"settings: model={cfg.model_name} pairs_per_chunk={cfg.max_pairs_per_chunk} augment={cfg.augment} "
         f"variations={cfg.variations_per_question if cfg.augment else 0} batch_size={cfg.batch_size} "
         f"max_chunks={cfg.max_chunks or 'all'} validation_families={cfg.validation_families_per_chunk} "
+        f"probe_questions={cfg.probe_questions_per_chunk} "
         f"documents={cfg.include_documents} restatements={cfg.include_restatements} encrypt={cfg.encrypt} "
         f"answer_writer={cfg.answer_writer} paraphrase_writer={cfg.paraphrase_writer} "
         f"{'restart' if args.restart else 'resume'}",
@@ -157,7 +162,8 @@ def extract(args) -> int:
         )
     print(f"wrote {path} and {r.stats_path}")
     kinds = ", ".join(f"{k} {n}" for k, n in overall["records_by_kind"].items())
-    print(f"records by kind: {kinds}; validation families {overall['families_validation']}")
+    print(f"records by kind: {kinds}; validation families {overall['families_validation']}, "
+          f"span probes {overall['span_probes']}")
     if not cfg.encrypt:
         print("Note: training_data/ is not encrypted (owner-only files); it holds your documents' content in plain "
               "text. --encrypt encrypts it with the store's key.")

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", metavar="FILE.json", help="JSON object of settings (TrainConfig / RunOptions field names)")
     g.add_argument("--max-length", type=_positive_int, metavar="N",
                    help=f"tokens of question + answer; longer answers are cut (default: {d.max_length})")
+    g.add_argument("--drop-system-prompt", dest="drop_default_system_prompt", action=argparse.BooleanOptionalAction,
+                   default=None, help="empty the base template's default system prompt in training and in the saved "
+                   f"template (default: {'on' if d.drop_default_system_prompt else 'off'})")
 
     g = p.add_argument_group("training mix (each part on by default)")
     for part, what in (("documents", "the chunks' own text, loss on every token"),
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("restatements", "wh / cloze / about / fact-list items made from the sentences")):
         g.add_argument(f"--mix-{part}", dest=f"mix_{part}", action=argparse.BooleanOptionalAction, default=None,
                        help=what)
+
 
     g = p.add_argument_group("LoRA (PEFT)")
     g.add_argument("--lora", action="store_true", default=None,

@@ -297,8 +297,14 @@ class ExtractConfig:
     include_restatements: bool = True  # (d) wh/cloze/about/fact-list items from the sentences, no generator needed
     restatement_spans_per_sentence: int = 2  # answer spans asked about per sentence (each gives a wh + a cloze item)
     fact_lists: bool = True  # "List the facts about X" for names in two or more sentences of a chunk
+    # Span probes, validation records beside the families: per chunk, this many wh questions about answer spans
+    # no training item asks about (restatements.probe_items), in sentences that are trained on. They are the shape
+    # of the questions people ask (a short answer, never seen asked), where the generated families' answers are
+    # whole sentences; they need no generator, so the generator-free path has a knowledge probe too; and nothing
+    # is taken out of training for them. 0 = none.
+    probe_questions_per_chunk: int = 2
     # False: no generator at all (documents + restatements only): minutes instead of hours on a
-    # CPU, but no generated questions, so no validation families either.
+    # CPU, but no generated questions, so no validation families either (the span probes remain).
     generate_questions: bool = True
     encrypt: bool = False  # training_data/ as Fernet tokens with the store's key (opt-in: trainers elsewhere need plain)
     near_duplicate_threshold: float = 0.92  # cosine above which two questions count as one
@@ -350,6 +356,11 @@ class TrainConfig:
     metric_for_best: str = "knowledge_f1"
     knowledge_questions: int = 64  # validation questions asked each epoch (0 = all); ~1 s each on 2 cores
     knowledge_max_new_tokens: int = 32  # short answers: gold answers are a few words
+    # Train and answer with the base template's default system prompt emptied (prompting.drop_default_system_prompt;
+    # the saved template writes the same empty system turn, so vLLM/TGI prompt the model as it was trained).
+    # SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face" was 21 of the ~82 tokens of
+    # an average qa_dev training example and teaches nothing about the documents (bench/README.md: the loop's time).
+    drop_default_system_prompt: bool = True
     # LoRA (PEFT): a 1.5B base fits a 16 GB card. The saved folder holds the merged weights.
     lora: bool = False
     lora_r: int = 16  # rank: enough for a few thousand facts; the adapter is ~1% of a 1.5B model

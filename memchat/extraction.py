@@ -45,6 +45,7 @@ from .config import ExtractConfig
 from .errors import MemChatError
 from .extraction_stages import GroupStages
 from .formats import PROGRESS_FILENAME, Progress
+from .text import content_words
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,8 @@ class FAISSDataExtractor:
             raise MemChatError(f"max_chunks must be at least 1, got {c.max_chunks}.")
         if c.validation_families_per_chunk < 0:
             raise MemChatError(f"validation_families_per_chunk must be 0 or more, got {c.validation_families_per_chunk}.")
+        if c.probe_questions_per_chunk < 0:
+            raise MemChatError(f"probe_questions_per_chunk must be 0 or more, got {c.probe_questions_per_chunk}.")
         if c.augment and c.variations_per_question < 1:
             raise MemChatError("variations_per_question must be at least 1 when augment is on.")
         if c.paraphrase_writer not in config.PARAPHRASE_WRITERS:
@@ -263,7 +266,8 @@ class FAISSDataExtractor:
                 pending.append(c)
         reused = len({c["hash"] for c in selected} - seen) if self.cfg.generate_questions else 0
         if not self.cfg.generate_questions:
-            self._say("no generator: the chunks' text and restatements only (no questions, paraphrases or validation)")
+            self._say("no generator: the chunks' text and restatements only (no questions or paraphrases; "
+                      "validation is the span probes)")
         elif reused:
             self._say(f"reusing {reused} chunks finished earlier; {len(pending)} to generate")
 
@@ -440,7 +444,7 @@ class FAISSDataExtractor:
         return records, extraction_stats.dataset_stats(selected, results, records, drops, display)
 
     def _restatements(self, selected: list[dict], val_questions: list[str], drops: dict[str, Counter]) -> list[dict]:
-        """(d): generator-free items from each chunk's sentences, all train.
+        """(d): generator-free items from each chunk's sentences (train), and the span probes (validation).
 
         The leakage rule holds for them too: an item whose question is (nearly) a validation
         question is dropped, so validation stays a question the model never saw.
@@ -449,6 +453,7 @@ class FAISSDataExtractor:
 
         cfg = self.cfg
         items: list[tuple[dict, int, restatements.Item]] = []
+        probes: list[tuple[dict, int, restatements.Item]] = []
         seen: set[str] = set()  # overlapping chunks repeat sentences: one item per question
         for c in selected:
             sentences = [s for s in (" ".join(x.split()) for x in split_sentences(qa.flatten(c["text"]))) if s]
@@ -460,8 +465,12 @@ class FAISSDataExtractor:
                     continue
                 seen.add(key)
                 items.append((c, n, it))
+            if cfg.probe_questions_per_chunk:
+                candidates = restatements.probe_items(sentences, spans_per_sentence=cfg.restatement_spans_per_sentence)
+                probes += [(c, n, it) for n, it in enumerate(candidates)]
         if not items:
             return []
+        out = self._span_probes(probes, items, seen) if probes else []
         val_keys = {qa.normalize(q) for q in val_questions}
         leak = [qa.normalize(it.question) in val_keys for _, _, it in items]
         if val_questions:
@@ -469,7 +478,6 @@ class FAISSDataExtractor:
             vi = self.embedder.encode([it.question for _, _, it in items])
             close = (vi @ vq.T).max(axis=1) >= cfg.near_duplicate_threshold
             leak = [a or bool(b) for a, b in zip(leak, close)]
-        out = []
         for (c, n, it), bad in zip(items, leak):
             if bad:
                 drops.setdefault(c["document"], Counter())["restatement_near_validation"] += 1
@@ -479,6 +487,40 @@ class FAISSDataExtractor:
             if it.answer_kind:
                 rec["answer_kind"] = it.answer_kind
             out.append(rec)
+        return out
+
+    def _span_probes(self, probes, items, trained_questions: set[str]) -> list[dict]:
+        """Validation records: per chunk, ``probe_questions_per_chunk`` wh questions about spans no training item
+        asks about (``restatements.probe_items``), chosen by a hash of (chunk, question) like the families.
+
+        A probe is dropped when a trained wh/cloze item has its answer and most of its words: the same sentence
+        cut differently at a chunk boundary asks the same thing. Nothing is taken out of training.
+        """
+        cfg = self.cfg
+        trained: dict[str, list[set[str]]] = {}  # answer -> content words of the trained questions asking for it
+        for _, _, it in items:
+            if it.kind in ("wh", "cloze"):
+                trained.setdefault(qa.normalize(it.answer), []).append(content_words(it.question))
+
+        def leaks(it) -> bool:
+            words = content_words(it.question)
+            return qa.normalize(it.question) in trained_questions or any(
+                len(words & t) >= 0.8 * max(1, len(words)) for t in trained.get(qa.normalize(it.answer), []))
+
+        by_chunk: dict[str, list[tuple[dict, int, restatements.Item]]] = {}
+        for c, n, it in probes:
+            if not leaks(it):
+                by_chunk.setdefault(c["hash"], []).append((c, n, it))
+        out = []
+        taken: set[str] = set()  # overlapping chunks share sentences: a question is probed once
+        for h, group in by_chunk.items():
+            ranked = sorted(group, key=lambda g: (qa.split_score(f"{h}:{qa.normalize(g[2].question)}", cfg.seed), g[1]))
+            ranked = [g for g in ranked if qa.normalize(g[2].question) not in taken]
+            for c, n, it in sorted(ranked[: cfg.probe_questions_per_chunk], key=lambda g: g[1]):
+                taken.add(qa.normalize(it.question))
+                out.append({"id": f"p{c['id']}-{n}", "question": it.question, "answer": it.answer, "kind": it.kind,
+                            "split": "validation", **_where(c), "answer_source": "sentence",
+                            "answer_kind": it.answer_kind, "family": f"p{c['id']}-{n}"})
         return out
 
     def _lineage(self, state, selected: list[dict]) -> dict:

@@ -58,6 +58,8 @@ def dataset_stats(selected, results, records, drops, display) -> dict:
         if rec["kind"] == "original":
             d["questions_kept"] += 1
             d["families_" + rec["split"]] += 1
+        elif rec["split"] == "validation" and rec["kind"] == "wh":
+            d["span_probes"] += 1
         elif rec["kind"] == "variation":
             d["variations_kept"] += 1
         if rec.get("answer_kind"):
@@ -85,7 +87,8 @@ def dataset_stats(selected, results, records, drops, display) -> dict:
             "variation = its paraphrase; wh / cloze = a sentence's answer span asked for; about = a sentence "
             "asked for by its topic; facts = the sentences about one name, as a list",
             "split": "validation holds out question families (a question and its paraphrases) of chunks that "
-            "are also trained on; every chunk is in training",
+            "are also trained on; every chunk is in training. span_probes: validation wh questions about answer "
+            "spans no training item asks for, in trained sentences",
         },
     }
 
@@ -133,6 +136,7 @@ def _empty_doc_stats(version) -> dict:
         "records_validation": 0,
         "families_train": 0,
         "families_validation": 0,
+        "span_probes": 0,
         "records_by_kind": Counter(),
         "validation_by_kind": Counter(),
         "span_answers_by_kind": Counter(),

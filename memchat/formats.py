@@ -40,7 +40,7 @@ STATS_FORMAT = "memchat-training-stats"
 STATS_FORMAT_VERSION = 2
 PROGRESS_FORMAT = "memchat-extract-progress"
 MODEL_META_FORMAT = "memchat-finetuned-model"
-MODEL_META_VERSION = 1  # v1 plus added keys (mix, knowledge curve): old readers ignore them
+MODEL_META_VERSION = 1  # v1 plus added keys (mix, knowledge curve, default_system_prompt_dropped): old readers ignore them
 
 PROGRESS_FILENAME = "extract_progress.jsonl"
 TRAIN_JSONL = "train.jsonl"
@@ -52,6 +52,7 @@ QA_KINDS = ("original", "variation")  # (b) and (c) of the mix
 RESTATEMENT_KINDS = ("cloze", "wh", "about", "facts")  # (d): made from the sentences, no generator
 DOCUMENT_KIND = "document"  # (a): plain text, loss on every token
 KINDS = (DOCUMENT_KIND,) + QA_KINDS + RESTATEMENT_KINDS
+VALIDATION_KINDS = QA_KINDS + ("wh",)  # held out: the question families, and the span probes (wh, family "p...")
 
 EXTRACT_HINT = "Make it with: python extract_faiss_data.py"
 REMAKE_HINT = "Make it again: python extract_faiss_data.py --restart"

@@ -103,6 +103,55 @@ def encode_text(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) + [eos] for ids in tokenizer([t.strip() for t in texts], add_special_tokens=False)["input_ids"]]
 
 
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template writes when the messages bring none (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, ..."; Qwen2.5: "You are Qwen, ..."), or None when it writes none (or no template)."""
+    if not uses_chat_template(tokenizer):
+        return None
+    question, system = "\x00q\x00", "\x00s\x00"
+    try:
+        plain = chat_prompt(tokenizer, question)
+        given = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                                              tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses a system turn has no default one either
+        return None
+    if given.count(system) != 1:
+        return None
+    before, after = given.split(system)
+    if plain == given.replace(system, "") or not (plain.startswith(before) and plain.endswith(after)):
+        return None  # no system turn by default, or one we cannot read off
+    default = plain[len(before): len(plain) - len(after)]
+    return default or None
+
+
+def drop_default_system_prompt(tokenizer) -> str | None:
+    """Make the template's default system prompt empty, in this tokenizer's template (edited in place).
+
+    A fine-tuned model answers the user's documents; the base model's name-and-maker line in every training
+    example is a fifth of the tokens of a short question/answer pair (21 of ~80 for SmolLM2) and teaches
+    nothing. The edit replaces the default text in the template source by "", so the saved template still
+    writes an (empty) system turn when none is given: the model is prompted at inference, by us or by
+    ``apply_chat_template`` users (vLLM, TGI), exactly as it was trained. Returns the text dropped, or None
+    where the template has no default or the edit would not render as intended (then nothing changes).
+    """
+    default = default_system_prompt(tokenizer)
+    if not default or default not in tokenizer.chat_template:
+        return None
+    original = tokenizer.chat_template
+    question = "\x00q\x00"
+    want = tokenizer.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+    tokenizer.chat_template = original.replace(default, "")
+    try:
+        ok = chat_prompt(tokenizer, question) == want
+    except Exception:
+        ok = False
+    if not ok:
+        tokenizer.chat_template = original
+        return None
+    return default
+
+
 def ensure_chat_template(tokenizer) -> bool:
     """Give a template-less tokenizer ``EOS_CHAT_TEMPLATE`` (before saving); True when one was added."""
     if uses_chat_template(tokenizer):

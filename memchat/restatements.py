@@ -97,9 +97,7 @@ def restate(sentences: list[str], *, spans_per_sentence: int = 2, fact_lists: bo
             max_fact_sentences: int = 4) -> list[Item]:
     """The restatements of one chunk's sentences (in document order, duplicates removed)."""
     items: list[Item] = []
-    usable = [_clean(s) for s in sentences]
-    # a piece that starts in lower case is the tail of a sentence cut at the chunk's start (overlap)
-    usable = [s for s in usable if len(s.split()) >= MIN_SENTENCE_WORDS and not s.endswith("?") and not s[:1].islower()]
+    usable = _usable(sentences)
     for s in usable:
         for span in choose_spans(s, spans_per_sentence):
             items.append(Item("wh", wh_question(s, span), span.text, span.kind))
@@ -129,6 +127,35 @@ def restate(sentences: list[str], *, spans_per_sentence: int = 2, fact_lists: bo
             seen.add(key)
             out.append(it)
     return out
+
+
+def probe_items(sentences: list[str], *, spans_per_sentence: int = 2) -> list[Item]:
+    """wh questions about the spans ``restate`` does NOT ask about, for held-out validation.
+
+    ``restate`` asks about the first ``spans_per_sentence`` spans of each sentence (``choose_spans``'s order);
+    these ask about the next ones. The sentence is trained on (the chunk's text, its "about" item, the wh and
+    cloze items of its other spans), but never this question or this answer: a short-answer question about a
+    fact the model was taught, the shape of a question people ask. Nothing is taken out of training for them.
+    """
+    items: list[Item] = []
+    seen: set[str] = set()
+    for s in _usable(sentences):
+        # choose_spans picks greedily, so its first picks are restate's; the rest overlap none of them
+        trained = {(sp.start, sp.end) for sp in choose_spans(s, spans_per_sentence)}
+        for span in choose_spans(s, len(s.split())):
+            question = wh_question(s, span)
+            key = normalize(question)
+            if (span.start, span.end) not in trained and key and key not in seen:
+                seen.add(key)
+                items.append(Item("wh", question, span.text, span.kind))
+    return items
+
+
+def _usable(sentences: list[str]) -> list[str]:
+    """Whole sentences long enough to ask about."""
+    usable = [_clean(s) for s in sentences]
+    # a piece that starts in lower case is the tail of a sentence cut at the chunk's start (overlap)
+    return [s for s in usable if len(s.split()) >= MIN_SENTENCE_WORDS and not s.endswith("?") and not s[:1].islower()]
 
 
 # Surface paraphrases for when the generator writes none (SmolLM2-135M keeps about 1 in 64):

@@ -10,10 +10,11 @@ In order, ``ConversationalTrainer``:
    its labels, so TRL neither re-tokenizes nor re-masks it: the ids are ours, the same
    that inference feeds. TRL pads each batch to its own longest example, computes the
    loss only where a label is, and batches are grouped by length;
-3. each epoch evaluates the answer-token loss on the validation families AND asks their
-   questions greedily (``memchat.probe``): ``knowledge_f1`` / ``knowledge_contains``, logged
-   to TensorBoard next to the loss. The best epoch (by ``metric_for_best``, knowledge by
-   default) is kept, and early stopping watches the same metric;
+3. each epoch evaluates the answer-token loss on the validation records (question families
+   and span probes) AND asks their questions greedily (``memchat.probe``): ``knowledge_f1`` /
+   ``knowledge_contains``, logged to TensorBoard next to the loss. The best epoch (by
+   ``metric_for_best``, knowledge by default, ties broken by the loss) is kept, and early
+   stopping watches the same score;
 4. with ``lora`` trains a PEFT LoRA adapter instead of all weights, and merges it at the end;
 5. writes ``finetuned_model/``: weights, tokenizer (a template-less one gets a chat template
    that reproduces its training format), ``memchat_model_meta.json`` (mix, curve, chosen
@@ -63,7 +64,8 @@ from memchat.config import (
 from memchat.device import is_main_process
 from memchat.errors import DatasetError, MemChatError, TrainingOutOfMemoryError
 from memchat.formats import MODEL_META_FORMAT, MODEL_META_VERSION, read_model_meta  # noqa: F401  (re-exported)
-from memchat.probe import METRICS, KnowledgeProbe
+from memchat.probe import METRICS, SELECTION_KEY, KnowledgeProbe, selection_score
+from memchat.prompting import drop_default_system_prompt
 from memchat.prompting import encode_pairs, prompt_format, prompt_ids, uses_chat_template  # noqa: F401  (re-exported)
 from memchat.training_data import (  # noqa: F401  (re-exported: the old names of this module)
     IGNORE_INDEX,
@@ -168,6 +170,7 @@ def _sft_trainer_class():
 
     class MemChatSFTTrainer(SFTTrainer):
         probe: KnowledgeProbe | None = None
+        knowledge_metric: str = "knowledge_f1"  # the probe figure that, with the loss as tie-break, picks the epoch
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                             metric_key_prefix="eval"):
@@ -179,8 +182,12 @@ def _sft_trainer_class():
                                         step=self.state.global_step)
                 for key, value in scores.items():
                     output.metrics[f"{metric_key_prefix}_{key}"] = value
-                if output.metrics.get(f"{metric_key_prefix}_loss") is not None:
-                    self.probe.history[-1]["loss"] = round(float(output.metrics[f"{metric_key_prefix}_loss"]), 4)
+                loss = output.metrics.get(f"{metric_key_prefix}_loss")
+                if loss is not None:
+                    self.probe.history[-1]["loss"] = round(float(loss), 4)
+                if self.knowledge_metric in scores:
+                    output.metrics[f"{metric_key_prefix}_{SELECTION_KEY}"] = selection_score(
+                        scores[self.knowledge_metric], None if loss is None else float(loss))
             return output
 
     return MemChatSFTTrainer
@@ -301,6 +308,7 @@ class ConversationalTrainer:
         self.precision: str | None = None  # "bf16" / "fp16" / None (fp32)
         self.last_log_history: list[dict] = []
         self.probe: KnowledgeProbe | None = None
+        self.dropped_system_prompt: str | None = None  # the base template's default system text, emptied
         if config.metric_for_best not in METRICS:
             raise MemChatError(f"Unknown metric_for_best {config.metric_for_best!r}; choose one of {', '.join(METRICS)}.")
 
@@ -328,6 +336,9 @@ class ConversationalTrainer:
         if self.tokenizer.pad_token_id is None:
             # Padding never reaches the loss or the attention, so any id will do; eos is the convention.
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if cfg.drop_default_system_prompt and self.dropped_system_prompt is None:
+            # before any encoding: training, the probe and the saved template all see the emptied prompt
+            self.dropped_system_prompt = drop_default_system_prompt(self.tokenizer)
         self.train_split = build_dataset(self.data.train, self.tokenizer, cfg.max_length)
         if len(self.train_split.dataset) == 0:
             raise DatasetError(
@@ -389,7 +400,8 @@ class ConversationalTrainer:
             f"data           {self.data.path} (sha256 {self.data.sha256[:12]}, {self.data.counts['train']} train / "
             f"{self.data.counts['validation']} validation records, {n_docs} documents)",
             f"format         {prompt_format(self.tokenizer)}; loss on {tr.answer_tokens} of {tr.tokens} train tokens "
-            f"(answers, and whole documents); {tr.truncated} truncated, {tr.skipped} skipped at max length {cfg.max_length}",
+            f"(answers, and whole documents); {tr.truncated} truncated, {tr.skipped} skipped at max length {cfg.max_length}"
+            + ("; the template's default system prompt emptied" if self.dropped_system_prompt else ""),
             "mix            " + ", ".join(f"{part} {'on' if on else 'off'}" for part, on in self.mix.items())
             + "; examples " + ", ".join(f"{k} {v}" for k, v in sorted(tr.by_part.items())),
             f"training       {'LoRA r ' + str(cfg.lora_r) + ', alpha ' + str(cfg.lora_alpha) + ', on ' + cfg.lora_target_modules + ' (merged when saved)' if cfg.lora else 'all weights'} on TRL SFTTrainer",
@@ -406,7 +418,8 @@ class ConversationalTrainer:
                 f"{len(self.eval_split.dataset)} held-out questions: answer-token loss"
                 + (f" and {len(self.probe.questions)} answered greedily (<= {cfg.knowledge_max_new_tokens} tokens)"
                    if self.probe else "")
-                + f" each epoch; the best epoch by {cfg.metric_for_best} kept"
+                + f" each epoch; the best epoch by {cfg.metric_for_best}"
+                + (" (a tie: the lower loss)" if self.probe and cfg.metric_for_best != "loss" else "") + " kept"
                 + (f", early stopping after {cfg.early_stopping_patience} epochs without one" if cfg.early_stopping_patience else "")
                 if self.eval_split
                 else "none in the data file: the last epoch is kept"
@@ -467,7 +480,7 @@ class ConversationalTrainer:
         if cfg.metric_for_best == "loss" or self.probe is None:
             best_metric, greater = "eval_loss", False
         else:
-            best_metric, greater = f"eval_{cfg.metric_for_best}", True
+            best_metric, greater = f"eval_{SELECTION_KEY}", True  # metric_for_best, ties broken by the loss
         args = _sft_config(
             output_dir=str(self.checkpoints_dir),
             num_train_epochs=cfg.num_train_epochs,
@@ -524,6 +537,8 @@ class ConversationalTrainer:
             peft_config=_lora_config(cfg) if cfg.lora else None,
         )
         trainer.probe = self.probe if has_eval else None
+        if cfg.metric_for_best != "loss":
+            trainer.knowledge_metric = cfg.metric_for_best
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(_make_log_callbacks(opt.progress))
@@ -580,10 +595,12 @@ class ConversationalTrainer:
         stopped_early = state.global_step < state.max_steps and self.options.max_steps <= 0
         best_metric = float(state.best_metric) if state.best_metric is not None else None
         if eval_entries and self.config.metric_for_best != "loss" and self.probe is not None:
-            # best_metric is the knowledge score; the loss of that same epoch is the saved weights' loss
+            # the trainer compared the selection score; report the chosen epoch's knowledge score and its loss
             best_step = _step_of(state.best_model_checkpoint)
             chosen = next((e for e in eval_entries if e.get("step") == best_step), None)
             eval_loss = float(chosen["eval_loss"]) if chosen else None
+            if chosen and f"eval_{self.config.metric_for_best}" in chosen:
+                best_metric = float(chosen[f"eval_{self.config.metric_for_best}"])
         curve = _curve(eval_entries)
 
         self._save_model(trainer)
@@ -667,6 +684,7 @@ class ConversationalTrainer:
                 "notice": self.notice,
             },
             "prompt_format": prompt_format(self.tokenizer),
+            "default_system_prompt_dropped": self.dropped_system_prompt,  # None: the template's own turns as they are
             "mix": {**self.mix, "examples_by_part": self.train_split.summary()["examples_by_part"],
                     "records_by_kind": self.data.kinds("train"), "excluded_by_part": self.data.excluded},
             "dataset": {
@@ -753,7 +771,9 @@ def model_card(meta: dict) -> str:
         "## Training",
         "",
         f"- prompt format: {meta.get('prompt_format')} (a model without a chat template was given one that "
-        "writes `question<eos>answer<eos>`)",
+        "writes `question<eos>answer<eos>`)"
+        + ("; the base template's default system prompt emptied, in training and in the saved template"
+           if meta.get("default_system_prompt_dropped") else ""),
         f"- {settings['num_train_epochs']:g} epochs max, batch {settings['per_device_train_batch_size']} x "
         f"{settings['gradient_accumulation_steps']}, lr {settings['learning_rate']:g} {settings['lr_scheduler_type']}, "
         f"max length {settings['max_length']}, {'LoRA r ' + str(settings['lora_r']) + ' (merged)' if settings.get('lora') else 'all weights'}",

@@ -131,7 +131,7 @@ def load_training_data(path: str | Path) -> TrainingData:
         split = record.get("split", "train")
         if split == "train":
             train.append(record)
-        elif split == "validation" and kind in QA_KINDS:
+        elif split == "validation" and kind in formats.VALIDATION_KINDS:
             validation.append(record)
         else:
             raise DatasetError(f'{where} has split {split!r}; expected "train" or "validation". {formats.REMAKE_HINT}')

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from memchat import config, formats, qa
+from memchat import config, formats, qa, restatements, text
 from memchat.config import ExtractConfig
 from memchat.extraction import PROGRESS_FILENAME, FAISSDataExtractor
 from memchat.knowledge import KnowledgeBase
@@ -87,7 +87,9 @@ def test_dataset_and_stats_files():
         assert r["text"] == qa.flatten(chunks[r["chunk_id"]]["text"]) and r["split"] == "train"
     # (d) restatements: a short span of the chunk's text; the wh question no longer holds it
     for r in by_kind["wh"] + by_kind["cloze"]:
-        assert r["answer"] in " ".join(chunks[r["chunk_id"]]["text"].split()) and r["split"] == "train"
+        # in training, but for the span probes (validation wh questions, family "p...")
+        assert r["answer"] in " ".join(chunks[r["chunk_id"]]["text"].split())
+        assert r["split"] == ("validation" if r.get("family", "").startswith("p") else "train")
         assert r["answer_kind"] in ("date", "number", "name", "phrase") and len(r["answer"].split()) <= 8
     for r in by_kind["cloze"]:
         assert "___" in r["question"]
@@ -185,7 +187,7 @@ def test_family_split_trains_every_chunk_and_never_leaks_a_family():
     folder = config.training_dir()
     ds = load_dataset("json", data_files={"train": str(folder / "train.jsonl"),
                                           "validation": str(folder / "validation.jsonl")})
-    assert len(ds["validation"]) == len(val)
+    assert len(ds["validation"]) == sum(1 for r in records if r["split"] == "validation")
     assert len(ds["train"]) == sum(1 for r in records if r["split"] == "train" and r["kind"] != "document")
     row = ds["validation"][0]["messages"]
     assert [m["role"] for m in row] == ["user", "assistant"] and row[0]["content"] == val[0]["question"]
@@ -205,7 +207,43 @@ def test_without_a_generator_documents_and_restatements_only():
     assert gen.calls == 0
     kinds = {r["kind"] for r in doc["records"]}
     assert "document" in kinds and kinds <= {"document", "wh", "cloze", "about", "facts"}
-    assert {r["split"] for r in doc["records"]} == {"train"}
+    val = [r for r in doc["records"] if r["split"] == "validation"]
+    assert val and all(r["kind"] == "wh" and r["family"].startswith("p") for r in val)  # the span probes only
+
+
+def test_span_probes_are_held_out_questions_and_take_nothing_from_training():
+    k = make_kb(QA_PDFS)
+    with_probes = load(extractor(k, probe_questions_per_chunk=2).create_training_dataset())["records"]
+    without = load(extractor(k, probe_questions_per_chunk=0).create_training_dataset())["records"]
+    probes = [r for r in with_probes if r.get("family", "").startswith("p")]
+    assert probes and all(r["split"] == "validation" and r["kind"] == "wh" for r in probes)
+    assert not any(r.get("family", "").startswith("p") for r in without)
+    # the same training records either way: nothing is taken out of training for the probes
+    assert [r for r in with_probes if r["split"] == "train"] == [r for r in without if r["split"] == "train"]
+    per_chunk = {}
+    for r in probes:
+        per_chunk[r["chunk_hash"]] = per_chunk.get(r["chunk_hash"], 0) + 1
+    assert max(per_chunk.values()) <= 2
+    assert len({qa.normalize(r["question"]) for r in probes}) == len(probes)  # overlapping chunks: asked once
+    train = [r for r in with_probes if r["split"] == "train"]
+    train_q = {qa.normalize(r["question"]) for r in train if "question" in r}
+    for p in probes:
+        assert qa.normalize(p["question"]) not in train_q
+        # no trained item asks for this answer in this sentence: a trained cloze's sentence, asked the probe's way
+        for r in train:
+            if r["kind"] == "cloze" and r["answer"] == p["answer"] and r["chunk_hash"] == p["chunk_hash"]:
+                sentence = r["question"].removeprefix("Fill in the blank: ").replace("___", r["answer"], 1)
+                start = r["question"].removeprefix("Fill in the blank: ").index("___")
+                span = next(sp for sp in text.answer_spans(sentence) if sp.start == start and sp.text == r["answer"])
+                assert restatements.wh_question(sentence, span) != p["question"]
+        # its chunk is trained on
+        assert any(r["kind"] == "document" and r["chunk_hash"] == p["chunk_hash"] for r in train)
+    again = load(extractor(k, probe_questions_per_chunk=2).create_training_dataset())["records"]
+    # the trainer reads them as validation, beside the families
+    from memchat.training_data import load_training_data
+
+    assert {r["id"] for r in probes} <= {r["id"] for r in load_training_data(config.training_dir()).validation}
+    assert [r["id"] for r in again if r["split"] == "validation"] == [r["id"] for r in with_probes if r["split"] == "validation"]
 
 
 def test_paraphrases_fill_up_with_framings_when_the_generator_writes_too_few():

@@ -59,3 +59,23 @@ def test_template_paraphrases_are_deterministic_framings():
     assert a == R.template_paraphrases(q, 2) and len(set(a)) == 2
     assert all("capital of France" in v and v != q for v in a)
     assert R.template_paraphrases(q, 0) == [] and len(R.template_paraphrases(q, 99)) == 5
+
+
+def test_probe_items_ask_for_the_spans_no_training_item_asks_for():
+    trained = R.restate(TEXT, spans_per_sentence=2)
+    probes = R.probe_items(TEXT, spans_per_sentence=2)
+    pairs = {(p.question, p.answer) for p in probes}
+    # the trained items of "In 1867, James Clerk Maxwell proposed ..." ask for 1867 and the name; the probes
+    # ask for the rest of that sentence
+    assert ("In 1867, James Clerk Maxwell proposed the theory of electromagnetism at what?", "King's College") in pairs
+    assert ("The what is 1,230 km long and passes through six countries?", "river") in pairs
+    asked = {(R.normalize(t.question), t.answer) for t in trained}
+    assert all(p.kind == "wh" and p.answer_kind for p in probes)
+    assert not any(R.normalize(p.question) in {q for q, _ in asked} for p in probes)
+    assert not {a for _, a in asked if a in ("1867", "1,230 km", "six")} & {p.answer for p in probes}
+    # every span trained: nothing left to probe; fragments give nothing
+    assert R.probe_items(TEXT, spans_per_sentence=99) == []
+    assert not any("basin" in p.question for p in probes)
+    # one more trained span per sentence: those spans leave the probes
+    fewer = R.probe_items(TEXT, spans_per_sentence=3)
+    assert {p.question for p in fewer} < {p.question for p in probes}

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -219,7 +220,8 @@ def test_trainer_setup_follows_the_guide(tiny_qwen_dir):
     assert args.gradient_checkpointing and not (args.bf16 or args.fp16)  # mixed precision only on CUDA
     assert args.eval_strategy.value == "epoch" and args.save_strategy.value == "epoch"
     # the saved epoch is the one that answers the held-out questions best, not the lowest loss
-    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_knowledge_f1" and args.greater_is_better
+    # knowledge_f1, ties broken by the loss (memchat.probe.selection_score)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_knowledge_selection" and args.greater_is_better
     from trl import SFTTrainer
 
     assert isinstance(trainer, SFTTrainer) and trainer.probe is ct.probe and ct.probe.questions
@@ -523,6 +525,66 @@ def test_template_less_model_is_saved_with_a_template_that_reproduces_training(t
     assert list(ids) == prompt_ids(base, q)  # what vLLM/TGI send is what training taught
 
 
+# SmolLM2's template, shaped: a default system turn when the messages bring none.
+DEFAULT_SYSTEM = "You are a helpful AI assistant named Tiny, trained by nobody"
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def default_system_qwen_dir(tiny_qwen_dir, tmp_path):
+    """The tiny Qwen with a template that writes a default system prompt (as SmolLM2's and Qwen2.5's do)."""
+    folder = tmp_path / "tiny_qwen_default_system"
+    shutil.copytree(tiny_qwen_dir, folder)
+    tok = tokenizer_of(folder)
+    tok.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_default_system_prompt_is_read_off_the_template_and_emptied(default_system_qwen_dir, tiny_qwen_dir):
+    from memchat.prompting import default_system_prompt, drop_default_system_prompt
+
+    tok = tokenizer_of(default_system_qwen_dir)
+    assert default_system_prompt(tok) == DEFAULT_SYSTEM
+    assert DEFAULT_SYSTEM in tok.decode(prompt_ids(tok, "Who?"))
+    assert drop_default_system_prompt(tok) == DEFAULT_SYSTEM
+    assert tok.decode(prompt_ids(tok, "Who?")) == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n"
+    assert default_system_prompt(tok) is None and drop_default_system_prompt(tok) is None  # once is enough
+    plain = tokenizer_of(tiny_qwen_dir)  # no default system turn: nothing to drop, the template untouched
+    template = plain.chat_template
+    assert default_system_prompt(plain) is None and drop_default_system_prompt(plain) is None
+    assert plain.chat_template == template
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_training_and_the_saved_template_share_the_emptied_system_prompt(default_system_qwen_dir, drop):
+    from transformers import AutoTokenizer
+
+    write_dataset(validation=())
+    trainer = ConversationalTrainer(model_name=str(default_system_qwen_dir), num_train_epochs=1, progress=False,
+                                    drop_default_system_prompt=drop)
+    result = trainer.train()
+    trained_on = trainer.tokenizer.decode(trainer.train_split.dataset[0]["input_ids"])
+    saved = AutoTokenizer.from_pretrained(result.output_dir)
+    q = PAIRS[0][0]
+    ids = saved.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"]
+    assert list(ids) == prompt_ids(trainer.tokenizer, q)  # what vLLM/TGI send is what training taught
+    meta = read_model_meta(result.output_dir)
+    if drop:
+        assert DEFAULT_SYSTEM not in trained_on and "<|im_start|>system\n<|im_end|>" in trained_on
+        assert DEFAULT_SYSTEM not in saved.decode(ids)
+        assert meta["default_system_prompt_dropped"] == DEFAULT_SYSTEM
+    else:
+        assert DEFAULT_SYSTEM in trained_on and DEFAULT_SYSTEM in saved.decode(ids)
+        assert meta["default_system_prompt_dropped"] is None
+
+
 def test_knowledge_metric_logs_and_selects_the_checkpoint(tiny_gpt2_dir, monkeypatch):
     """Loss falls every epoch, the (scripted) knowledge score peaks at epoch 2: epoch 2 is kept."""
     from memchat import probe as probe_mod
@@ -564,6 +626,48 @@ def test_knowledge_metric_logs_and_selects_the_checkpoint(tiny_gpt2_dir, monkeyp
     scores = iter([10.0, 60.0, 20.0, 15.0])
     by_loss = ConversationalTrainer(**{**settings, "metric_for_best": "loss", "output_dir": config.home() / "l"}).train()
     assert by_loss.best_epoch == 4
+
+
+def test_the_probe_asks_one_question_per_family_and_the_span_probes_in_turn():
+    from memchat.probe import KnowledgeProbe
+
+    records = [
+        {"question": "Who founded the lab?", "answer": "Maxwell founded the Cavendish Laboratory in 1874.", "kind": "original"},
+        {"question": "According to the document, who founded the lab?", "answer": "...", "kind": "variation"},
+        {"question": "Maxwell founded the what?", "answer": "Cavendish Laboratory", "kind": "wh"},
+        {"question": "When was the lab founded?", "answer": "It was founded in 1874.", "kind": "original"},
+        {"question": "Maxwell founded the lab in what?", "answer": "1874", "kind": "wh"},
+        {"question": "The river is how long?", "answer": "1,230 km", "kind": "wh"},
+    ]
+    probe = KnowledgeProbe.from_records(records)
+    assert [q.question for q in probe.questions] == [
+        "Who founded the lab?", "Maxwell founded the what?", "When was the lab founded?",
+        "Maxwell founded the lab in what?", "The river is how long?"]
+    # a family's golds: its sentence and the names/dates the question lacks; a span probe's: its span
+    golds = probe.questions[0].golds
+    assert golds[0] == "Maxwell founded the Cavendish Laboratory in 1874." and {"Cavendish Laboratory", "1874"} <= set(golds)
+    assert probe.questions[1].golds == ["Cavendish Laboratory"]
+    assert [q.question for q in KnowledgeProbe.from_records(records, limit=2).questions] == [
+        "Who founded the lab?", "Maxwell founded the what?"]
+
+
+def test_a_knowledge_tie_goes_to_the_epoch_with_the_lower_loss(tiny_gpt2_dir, monkeypatch):
+    """Epochs 2 and 4 answer the probe equally well (60); the loss falls every epoch, so epoch 4 is kept,
+    and the reported best metric is the knowledge score itself."""
+    from memchat import probe as probe_mod
+
+    scores = iter([10.0, 60.0, 20.0, 60.0])
+    real_score = probe_mod.KnowledgeProbe.score
+    monkeypatch.setattr(probe_mod.KnowledgeProbe, "score",
+                        lambda self, predictions: {**real_score(self, predictions), "knowledge_f1": next(scores)})
+    write_dataset(validation=PAIRS[:2])
+    result = ConversationalTrainer(model_name=str(tiny_gpt2_dir), num_train_epochs=4, gradient_accumulation_steps=1,
+                                   per_device_train_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, progress=False,
+                                   gradient_checkpointing=False, early_stopping_patience=0).train()
+    losses = [row["eval_loss"] for row in result.knowledge]
+    assert losses[3] < losses[1]
+    assert result.best_epoch == 4 and result.best_metric == 60.0
+    assert read_model_meta(config.finetuned_dir())["results"]["best_metric"] == 60.0
 
 
 def test_lora_trains_merges_and_reloads(tiny_qwen_dir):
