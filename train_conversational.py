@@ -170,6 +170,7 @@ _FLAG_FIELDS = {
     "lora_targets": "lora_target_modules",
     "metric_for_best": "metric_for_best",
     "knowledge_questions": "knowledge_questions",
+    "drop_default_system_prompt": "drop_default_system_prompt",
 }
 
 

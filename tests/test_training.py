@@ -31,6 +31,7 @@ from memchat.training import (
     load_training_data,
     prompt_ids,
     read_model_meta,
+    setting_names,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,6 +397,17 @@ def run_script(monkeypatch, capsys, *argv):
         runpy.run_path(str(SCRIPT), run_name="__main__")
     out, err = capsys.readouterr()
     return exc.value.code, out, err
+
+
+def test_every_script_flag_reaches_the_trainer():
+    """A flag the parser knows but settings_from does not map would be silently ignored."""
+    script = runpy.run_path(str(SCRIPT), run_name="not_main")
+    parser = script["build_parser"]()
+    dests = {a.dest for a in parser._actions} - {"help", "config", "quiet"}
+    assert dests <= set(script["_FLAG_FIELDS"]), dests - set(script["_FLAG_FIELDS"])
+    assert set(script["_FLAG_FIELDS"].values()) <= setting_names()
+    settings = script["settings_from"](parser.parse_args(["--no-drop-system-prompt", "--epochs", "2"]))
+    assert settings == {"drop_default_system_prompt": False, "num_train_epochs": 2}
 
 
 @pytest.mark.parametrize("case", ["missing", "not json", "record without answer"])
