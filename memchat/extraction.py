@@ -447,7 +447,9 @@ class FAISSDataExtractor:
         """(d): generator-free items from each chunk's sentences (train), and the span probes (validation).
 
         The leakage rule holds for them too: an item whose question is (nearly) a validation
-        question is dropped, so validation stays a question the model never saw.
+        question is dropped, so validation stays a question the model never saw. The span probes
+        are not part of that rule: a probe and a trained item of the same sentence read alike but
+        ask for different answers, and ``_span_probes`` keeps them apart by answer instead.
         """
         from .chunking import split_sentences
 

@@ -19,8 +19,8 @@ use them (``TrainConfig.metric_for_best``). Deliberately left out: the trainer's
 from __future__ import annotations
 
 import logging
-from itertools import zip_longest
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Sequence
 
 from .evaluate import contains_gold, normalize_answer, token_f1
