@@ -47,7 +47,6 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     from memchat import config, formats
-    from memchat.evaluate import contains_gold, token_f1
     from memchat.models import load_causal_lm
     from memchat.probe import KnowledgeProbe, ProbeQuestion
     from memchat.training import CHECKPOINTS_DIRNAME
@@ -63,22 +62,19 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line.strip()]
     real = KnowledgeProbe([ProbeQuestion(r["question"], list(r["answers"])) for r in rows],
                           max_new_tokens=args.max_new_tokens)
-    curve = {round(c["epoch"]): c for c in meta["results"].get("curve") or []}
+    curve = {c["step"]: c for c in meta["results"].get("curve") or []}  # a checkpoint's step -> its evaluation
     kept = meta["results"].get("best_epoch")
     checkpoints = sorted((model_dir / CHECKPOINTS_DIRNAME).glob("checkpoint-*"),
                          key=lambda c: int(c.name.rsplit("-", 1)[1]))
     if not checkpoints:
         sys.exit(f"bench: no checkpoints in {model_dir / CHECKPOINTS_DIRNAME}; train with --keep-checkpoints "
                  "--save-total-limit N (N >= the epochs)")
-    steps_per_epoch = int(checkpoints[0].name.rsplit("-", 1)[1])  # the first is epoch 1's
 
     def score(probe, predictions) -> str:
         if not probe.questions:
             return "-"
-        n = len(predictions)
-        f1 = 100 * sum(token_f1(a, q.golds) for a, q in zip(predictions, probe.questions)) / n
-        contains = 100 * sum(contains_gold(a, q.golds) for a, q in zip(predictions, probe.questions)) / n
-        return f"{f1:.1f} / {contains:.1f}"
+        s = probe.score(predictions)  # the trainer's own scoring
+        return f"{s['knowledge_f1']:.1f} / {s['knowledge_contains']:.1f}"
 
     print(f"{model_dir}: {len(checkpoints)} checkpoints; probe: {len(families.questions)} families, "
           f"{len(spans.questions)} span probes; {len(real.questions)} questions of {args.questions}", flush=True)
@@ -94,8 +90,8 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        epoch = 0 if name == "base" else int(Path(name).name.rsplit("-", 1)[1]) // steps_per_epoch
-        logged = curve.get(epoch, {})
+        logged = {} if name == "base" else curve.get(int(Path(name).name.rsplit("-", 1)[1]), {})
+        epoch = 0 if name == "base" else round(logged.get("epoch") or 0)
         cells = (
             f"{epoch}{' (base)' if name == 'base' else ''}{' (kept)' if epoch == kept else ''}",
             f"{logged['eval_loss']:.4f}" if logged.get("eval_loss") is not None else "-",
