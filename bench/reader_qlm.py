@@ -136,6 +136,10 @@ def main(argv=None) -> int:
                   if sc["top"] else 0.0 for r, sc in zip(rows, scores) if r["set"] == s]
             cells.append(100 * float(np.mean(f1)))
         print(f"{name:16s} " + " ".join(f"{f:6.1f}        " for f in cells))
+    lm = FEATURES.index("lm")  # the answer likelihood the reader has, for comparison
+    cells = [100 * float(np.mean([r["f1"][int(np.argmax(r["X"][:, lm]))] if len(r["f1"]) else 0.0
+                                  for r in rows if r["set"] == s])) for s in sets]
+    print(f"{'lm alone':16s} " + " ".join(f"{f:6.1f}        " for f in cells))
     return 0
 
 
