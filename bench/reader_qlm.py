@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     shipped = np.asarray(ReaderConfig().weights)
     if args.scores and Path(args.scores).exists():
         scores = json.loads(Path(args.scores).read_text())
+        if len(scores) != len(rows):
+            sys.exit(f"reader_qlm: {args.scores} scores {len(scores)} questions, the dump (with --limit) has {len(rows)}")
     else:
         from memchat.generation import Generator
 
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
         if args.scores:
             Path(args.scores).write_text(json.dumps(scores))
     sets = list(dict.fromkeys(r["set"] for r in rows))
+    if sum(1 for r in rows if r["set"] == "squad2" and len(r["f1"])) < 4:
+        sys.exit("reader_qlm: the fits need squad2 questions with candidates in the dump (at least 4; raise --limit)")
     print("span-choice F1 / contains; fitted on squad2 (its 2-fold figure held out), the other sets held out")
     print(f"{'columns added':16s} " + " ".join(f"{s:>14s}" for s in sets) + f" {'squad2 2-fold':>14s}")
     for columns in ((), ("qlm",), ("qpmi",), ("qlm", "qpmi")):
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
         w = fit(train, n)
         cells = [quality([r for r in part if r["set"] == s], w)[:2] for s in sets]
         folds = np.mean([quality(train[k::2], fit([r for i, r in enumerate(train) if i % 2 != k], n))[0]
-                         for k in range(2)]) if train else float("nan")
+                         for k in range(2)])
         print(f"{'+'.join(columns) or 'none (shipped)':16s} " + " ".join(f"{f:6.1f} / {c:5.1f}" for f, c in cells)
               + f" {folds:14.1f}")
     for name, key in (("qlm alone", "qlm"), ("qpmi alone", "qpmi")):
