@@ -359,8 +359,8 @@ class TrainConfig:
     # Train and answer with the base template's default system prompt emptied (prompting.drop_default_system_prompt;
     # the saved template writes the same empty system turn, so vLLM/TGI prompt the model as it was trained).
     # SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face" was 21 of the ~82 tokens of
-    # an average qa_dev training example and teaches nothing about the documents. The same data and seed trained
-    # both ways (bench/README.md, "The isolating run"): qa_dev closed-book F1 33.2 vs 22.8 at epoch 6, 1,442 vs 1,688 s.
+    # an average qa_dev training example and teaches nothing about the documents. The same data trained both ways
+    # (bench/README.md, "The isolating run"): qa_dev closed-book F1 29.3 vs 18.1 (seed 42), 20.4 vs 17.2 (seed 7).
     drop_default_system_prompt: bool = True
     # LoRA (PEFT): a 1.5B base fits a 16 GB card. The saved folder holds the merged weights.
     lora: bool = False
