@@ -74,20 +74,26 @@ def question_scores(gen, rows: list[dict], weights: np.ndarray) -> list[dict]:
 
 
 def with_columns(rows: list[dict], scores: list[dict], columns: tuple[str, ...]) -> list[dict]:
-    """The rows with ``columns`` (of qlm, qpmi) appended, filled as the reader fills ``lm``: minus the best
-    reranked value, and worse than any reranked one for the rest."""
+    """The rows with ``columns`` (of qlm, qpmi) appended, filled as the reader fills ``lm``
+    (``reader.fill_reranked``)."""
+    from memchat.reader import fill_reranked
+
     out = []
     for r, s in zip(rows, scores):
         extra = np.zeros((len(r["X"]), 2))
         if s["top"]:
-            top, qlm, base = np.array(s["top"]), np.array(s["qlm"]), np.array(s["base"])
-            rest = np.setdiff1d(np.arange(len(r["X"])), top)
+            qlm, base = np.array(s["qlm"]), np.array(s["base"])
             for c, v in enumerate((qlm, qlm - base)):
-                extra[top, c] = v - v.max()
-                extra[rest, c] = min(extra[top, c].min() - 1.0, -10.0)
+                fill_reranked(extra[:, c], np.array(s["top"]), v)
         keep = [c for c, name in enumerate(("qlm", "qpmi")) if name in columns]
         out.append({**r, "X": np.hstack([r["X"], extra[:, keep]])})
     return out
+
+
+def alone(rows: list[dict], column: int, sets: list[str]) -> list[float]:
+    """Per set, the mean F1 of the candidate that ``column`` alone ranks first."""
+    return [100 * float(np.mean([r["f1"][int(np.argmax(r["X"][:, column]))] if len(r["f1"]) else 0.0
+                                 for r in rows if r["set"] == s])) for s in sets]
 
 
 def main(argv=None) -> int:
@@ -133,17 +139,10 @@ def main(argv=None) -> int:
                          for k in range(2)])
         print(f"{'+'.join(columns) or 'none (shipped)':16s} " + " ".join(f"{f:6.1f} / {c:5.1f}" for f, c in cells)
               + f" {folds:14.1f}")
-    for name, key in (("qlm alone", "qlm"), ("qpmi alone", "qpmi")):
-        cells = []
-        for s in sets:
-            f1 = [r["f1"][sc["top"][int(np.argmax(np.array(sc["qlm"]) - (np.array(sc["base"]) if key == "qpmi" else 0)))]]
-                  if sc["top"] else 0.0 for r, sc in zip(rows, scores) if r["set"] == s]
-            cells.append(100 * float(np.mean(f1)))
-        print(f"{name:16s} " + " ".join(f"{f:6.1f}        " for f in cells))
     lm = FEATURES.index("lm")  # the answer likelihood the reader has, for comparison
-    cells = [100 * float(np.mean([r["f1"][int(np.argmax(r["X"][:, lm]))] if len(r["f1"]) else 0.0
-                                  for r in rows if r["set"] == s])) for s in sets]
-    print(f"{'lm alone':16s} " + " ".join(f"{f:6.1f}        " for f in cells))
+    for name, part, column in (("qlm alone", with_columns(rows, scores, ("qlm",)), -1),
+                               ("qpmi alone", with_columns(rows, scores, ("qpmi",)), -1), ("lm alone", rows, lm)):
+        print(f"{name:16s} " + " ".join(f"{f:6.1f}        " for f in alone(part, column, sets)))
     return 0
 
 

@@ -357,10 +357,8 @@ class ExtractiveReader:
             columns = [(lm_col, lps)]
             if want_pmi:
                 columns.append((pmi_col, lps - np.array([lp for lp, _ in scores[1]])))
-            rest = np.setdiff1d(np.arange(len(cands)), top)
             for col, values in columns:
-                X[top, col] = values - values.max()
-                X[rest, col] = min(X[top, col].min() - 1.0, -10.0)  # not reranked: worse than any reranked one
+                fill_reranked(X[:, col], top, values)
         return cands, X, bonus
 
     def read(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
@@ -378,6 +376,15 @@ class ExtractiveReader:
         best = int(np.argmax(scores))
         out = [Candidate(sp, si, score=float(scores[i])) for i, (si, sp) in enumerate(cands)]
         return Reading(cands[best][1].text, cands[best][0], out, float(p[best]))
+
+
+def fill_reranked(column, top, values) -> None:
+    """Fill a feature column (in place) that only the reranked candidates ``top`` have: their ``values`` minus
+    the best of them, and for every other candidate a value worse than any reranked one."""
+    import numpy as np
+
+    column[top] = values - values.max()
+    column[np.setdiff1d(np.arange(len(column)), top)] = min(column[top].min() - 1.0, -10.0)
 
 
 def reader_messages(question: str, sentences: Sequence[str]) -> list[dict]:
