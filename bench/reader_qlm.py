@@ -91,9 +91,13 @@ def with_columns(rows: list[dict], scores: list[dict], columns: tuple[str, ...])
 
 
 def alone(rows: list[dict], column: int, sets: list[str]) -> list[float]:
-    """Per set, the mean F1 of the candidate that ``column`` alone ranks first."""
-    return [100 * float(np.mean([r["f1"][int(np.argmax(r["X"][:, column]))] if len(r["f1"]) else 0.0
-                                 for r in rows if r["set"] == s])) for s in sets]
+    """Per set, the mean F1 of the candidate that ``column`` alone ranks first (``fit_reader.quality`` with all
+    the weight on that column)."""
+    from fit_reader import quality
+
+    w = np.zeros(rows[0]["X"].shape[1])
+    w[column] = 1.0
+    return [quality([r for r in rows if r["set"] == s], w)[0] for s in sets]
 
 
 def main(argv=None) -> int:
