@@ -1,0 +1,157 @@
+"""Study: four more changes to the extractive reader's scoring, each refitted on a dump of its candidates.
+
+    .venv/bin/python bench/fit_reader.py --train squad2 --lm-rerank 24 --dump /tmp/dump.json   # once, ~10 min
+    .venv/bin/python bench/reader_columns.py --dump /tmp/dump.json                             # ~1 min
+
+Each row changes the dump's feature rows, refits the reader exactly as bench/fit_reader.py does
+(fitted on squad2, 2-fold within it, qa_dev and covid held out) and reports span-choice F1 /
+contains, beside the shipped features fitted the same way in the same run:
+
+- ``window cloze``: the ``cloze`` column (the question's cosine to the sentence with the span
+  replaced by "what") on a window of 4 or 8 words each side of the span instead of the whole
+  sentence, so a long sentence's other clauses do not dilute it;
+- ``do-aux slot``: ``text.slot_words`` for fronted questions with an auxiliary ("Who did Luther
+  remind the peasants to obey?"): the question's last word, often the verb the answer follows;
+- ``interaction``: one product of two columns (the reader is linear in each alone);
+- ``within-question``: a column standardised, or ranked, among the question's candidates; and the
+  fit's L2 penalty.
+
+None is used by the reader (bench/README: "Reader changes tried in stop 25").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+_DO_AUX = re.compile(r"^\s*(what|who|whom|which\s+\w+|what\s+\w+)\s+(did|does|do|had|has|have|will|would|could|can|"
+                     r"should)\b", re.IGNORECASE)
+
+
+def load(path: str) -> list[dict]:
+    from memchat.reader import FEATURES
+
+    rows = json.loads(Path(path).read_text())
+    for r in rows:
+        r["X"] = np.array(r["X"], dtype=np.float64).reshape(-1, len(FEATURES))
+        r["f1"], r["cont"] = np.array(r["f1"]), np.array(r["cont"])
+    return rows
+
+
+def report(rows: list[dict], label: str, transform) -> str:
+    """Refit with ``transform(row) -> feature rows`` and score as fit_reader does."""
+    from fit_reader import fit, quality
+
+    rr = [{**r, "X": transform(r)} for r in rows]
+    nf = next(r["X"].shape[1] for r in rr if len(r["f1"]))
+    train = [r for r in rr if r["set"] == "squad2"]
+    w = fit(train, nf)
+    res = {s: quality([r for r in rr if r["set"] == s], w)[:2] for s in ("qa_dev", "squad2", "covid")}
+    folds = [quality(train[k::2], fit([r for i, r in enumerate(train) if i % 2 != k], nf))[0] for k in range(2)]
+    return (f"| {label} | {res['qa_dev'][0]:.1f} / {res['qa_dev'][1]:.1f} | {res['squad2'][0]:.1f} / "
+            f"{res['squad2'][1]:.1f} | {np.mean(folds):.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |")
+
+
+def window_cloze(rows: list[dict], width: int) -> None:
+    """Column ``w{width}``: cos(question, the span's window with the span replaced by "what")."""
+    from memchat import text as T
+    from memchat.embeddings import Embedder
+
+    emb = Embedder()
+
+    def window(sentence: str, cand: str) -> str:
+        st = sentence.find(cand)
+        en = st + len(cand)
+        toks = T.tokens(sentence)
+        before = [t for t in toks if t.end <= st][-width:]
+        after = [t for t in toks if t.start >= en][:width]
+        a = before[0].start if before else st
+        b = after[-1].end if after else en
+        return sentence[a:st] + "what" + sentence[en:b]
+
+    for r in rows:
+        if not len(r["f1"]):
+            r[f"w{width}"] = np.zeros(0)
+            continue
+        v = emb.encode([r["q"]] + [window(r["sents"][si], c) for c, si in zip(r["cands"], r["si"])])
+        r[f"w{width}"] = v[1:] @ v[0]
+
+
+def do_aux_slot(rows: list[dict]) -> int:
+    """Column ``slot2``: the shipped slot, or for fronted auxiliary questions without one, the last word's match."""
+    from memchat import text as T
+    from memchat.reader import FEATURES
+
+    col, fired = FEATURES.index("slot"), 0
+    for r in rows:
+        r["slot2"] = r["X"][:, col].copy()
+        q = r["q"]
+        if T.slot_words(q) or not _DO_AUX.search(q) or not len(r["f1"]):
+            continue
+        fired += 1
+        words = [t.text.lower() for t in T.tokens(q) if t.text[:1].isalnum()]
+        slot = [T.stem(words[-1])]
+        for n, (c, si) in enumerate(zip(r["cands"], r["si"])):
+            sentence = r["sents"][si]
+            r["slot2"][n] = T.slot_match(slot, T.words_before(T.tokens(sentence), sentence.find(c)))
+    return fired
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dump", required=True, help="bench/fit_reader.py --dump output")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from memchat.reader import FEATURES
+
+    F = {n: i for i, n in enumerate(FEATURES)}
+    rows = load(args.dump)
+    window_cloze(rows, 4)
+    window_cloze(rows, 8)
+    fired = do_aux_slot(rows)
+    print(f"do-aux slot fires on {fired} questions without a slot")
+
+    def add(*cols):
+        return lambda r: np.hstack([r["X"]] + [r[c].reshape(-1, 1) for c in cols])
+
+    def product(a, b):
+        return lambda r: np.hstack([r["X"], (r["X"][:, F[a]] * r["X"][:, F[b]]).reshape(-1, 1)])
+
+    def replaced(name, col):
+        return lambda r: np.where(np.arange(len(FEATURES)) == F[name], r[col].reshape(-1, 1), r["X"])
+
+    def within(name, how):
+        def t(r):
+            X = r["X"].copy()
+            v = X[:, F[name]]
+            if len(v):
+                X[:, F[name]] = (v - v.mean()) / (v.std() + 1e-6) if how == "z" else -np.argsort(np.argsort(-v))
+            return X
+        return t
+
+    print("| change | qa_dev (held out) | squad2 (train) | squad2 2-fold | covid (held out) |")
+    print("|---|---|---|---|---|")
+    for label, t in [("shipped", lambda r: r["X"]),
+                     ("+ window cloze, 4 words", add("w4")), ("+ window cloze, 8 words", add("w8")),
+                     ("do-aux slot", replaced("slot", "slot2")),
+                     ("+ lm x pmi", product("lm", "pmi")), ("+ kind_match x lm", product("kind_match", "lm")),
+                     ("+ slot x lm", product("slot", "lm")),
+                     ("cloze standardised within the question", within("cloze", "z")),
+                     ("lm standardised within the question", within("lm", "z")),
+                     ("lm as its rank within the question", within("lm", "rank"))]:
+        print(report(rows, label, t), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
