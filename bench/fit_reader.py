@@ -153,6 +153,20 @@ def confidence_curve(rows: list[dict], w: np.ndarray, taus=(0.1, 0.15, 0.2, 0.25
     return out
 
 
+def load_dump(path: str | Path) -> list[dict]:
+    """A ``--dump`` file's questions, their features, F1 and contains back as arrays."""
+    from memchat.reader import FEATURES
+
+    return [{**r, "X": np.asarray(r["X"], dtype=np.float64).reshape(-1, len(FEATURES)), "f1": np.asarray(r["f1"]),
+             "cont": np.asarray(r["cont"])} for r in json.loads(Path(path).read_text())]
+
+
+def kfold_f1(train: list[dict], fit_on, k: int = 2) -> float:
+    """Mean F1 over ``train``'s questions dealt into ``k`` folds, each scored by ``fit_on`` the others."""
+    return float(np.mean([quality(train[i::k], fit_on([r for j, r in enumerate(train) if j % k != i]))[0]
+                          for i in range(k)]))
+
+
 def quality(rows: list[dict], w: np.ndarray) -> tuple[float, float, float]:
     f1 = cont = oracle = 0.0
     for r in rows:
@@ -193,9 +207,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     lm_scored = bool(args.lm_rerank)
     if args.from_dump:
-        rows = [{**r, "X": np.asarray(r["X"], dtype=np.float64).reshape(-1, len(FEATURES)), "f1": np.asarray(r["f1"]),
-                 "cont": np.asarray(r["cont"])} for r in json.loads(Path(args.from_dump).read_text())]
-        rows = [r for r in rows if r["set"] in args.sets.split(",")]
+        rows = [r for r in load_dump(args.from_dump) if r["set"] in args.sets.split(",")]
         lm_cols = [FEATURES.index("lm"), FEATURES.index("pmi")]
         lm_scored = any(np.any(r["X"][:, lm_cols]) for r in rows if len(r["f1"]))  # was the dump made with the LM?
     else:
@@ -232,9 +244,8 @@ def main(argv=None) -> int:
         print(f"{name:8s} {role:9s} {f1:6.1f} {cont:9.1f} {oracle:10.1f}   ({f1c:.1f} / {contc:.1f})")
         print(f"{'':18s} {misses(part, w)}")
     if args.folds > 1:  # the training sets' questions dealt into k folds: each fold scored by a fit on the others
-        scores = [quality(train[k :: args.folds], fit_on([r for i, r in enumerate(train) if i % args.folds != k]))[0]
-                  for k in range(args.folds)]
-        print(f"{args.train:8s} {args.folds}-fold    {np.mean(scores):6.1f}   (F1 on each fold, fitted on the others)")
+        print(f"{args.train:8s} {args.folds}-fold    {kfold_f1(train, fit_on, args.folds):6.1f}   "
+              "(F1 on each fold, fitted on the others)")
     if args.confidence_curve:
         for name in args.sets.split(","):
             print(f"{name}: abstaining below a confidence, with these weights")

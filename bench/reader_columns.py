@@ -22,7 +22,6 @@ None is used by the reader (bench/README: "Reader changes tried in stop 25").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -38,28 +37,18 @@ _DO_AUX = re.compile(r"^\s*(what|who|whom|which\s+\w+|what\s+\w+)\s+(did|does|do
                      r"should)\b", re.IGNORECASE)
 
 
-def load(path: str) -> list[dict]:
-    from memchat.reader import FEATURES
-
-    rows = json.loads(Path(path).read_text())
-    for r in rows:
-        r["X"] = np.array(r["X"], dtype=np.float64).reshape(-1, len(FEATURES))
-        r["f1"], r["cont"] = np.array(r["f1"]), np.array(r["cont"])
-    return rows
-
-
 def report(rows: list[dict], label: str, transform) -> str:
     """Refit with ``transform(row) -> feature rows`` and score as fit_reader does."""
-    from fit_reader import fit, quality
+    from fit_reader import fit, kfold_f1, quality
 
     rr = [{**r, "X": transform(r)} for r in rows]
     nf = next(r["X"].shape[1] for r in rr if len(r["f1"]))
     train = [r for r in rr if r["set"] == "squad2"]
     w = fit(train, nf)
     res = {s: quality([r for r in rr if r["set"] == s], w)[:2] for s in ("qa_dev", "squad2", "covid")}
-    folds = [quality(train[k::2], fit([r for i, r in enumerate(train) if i % 2 != k], nf))[0] for k in range(2)]
+    folds = kfold_f1(train, lambda fold: fit(fold, nf))
     return (f"| {label} | {res['qa_dev'][0]:.1f} / {res['qa_dev'][1]:.1f} | {res['squad2'][0]:.1f} / "
-            f"{res['squad2'][1]:.1f} | {np.mean(folds):.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |")
+            f"{res['squad2'][1]:.1f} | {folds:.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |")
 
 
 def window_cloze(rows: list[dict], width: int) -> None:
@@ -112,10 +101,12 @@ def main(argv=None) -> int:
     p.add_argument("--dump", required=True, help="bench/fit_reader.py --dump output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fit_reader import load_dump
+
     from memchat.reader import FEATURES
 
     F = {n: i for i, n in enumerate(FEATURES)}
-    rows = load(args.dump)
+    rows = load_dump(args.dump)
     window_cloze(rows, 4)
     window_cloze(rows, 8)
     fired = do_aux_slot(rows)

@@ -108,13 +108,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from fit_reader import fit, quality
+    from fit_reader import fit, kfold_f1, load_dump, quality
 
     from memchat.config import GenerationConfig, ReaderConfig
     from memchat.reader import FEATURES
 
-    rows = [{**r, "X": np.asarray(r["X"], dtype=np.float64).reshape(-1, len(FEATURES)), "f1": np.asarray(r["f1"]),
-             "cont": np.asarray(r["cont"])} for r in json.loads(Path(args.dump).read_text())]
+    rows = load_dump(args.dump)
     if args.limit:
         rows = [r for s in dict.fromkeys(r["set"] for r in rows) for r in [x for x in rows if x["set"] == s][: args.limit]]
     shipped = np.asarray(ReaderConfig().weights)
@@ -139,8 +138,7 @@ def main(argv=None) -> int:
         n = part[0]["X"].shape[1]
         w = fit(train, n)
         cells = [quality([r for r in part if r["set"] == s], w)[:2] for s in sets]
-        folds = np.mean([quality(train[k::2], fit([r for i, r in enumerate(train) if i % 2 != k], n))[0]
-                         for k in range(2)])
+        folds = kfold_f1(train, lambda fold: fit(fold, n))
         print(f"{'+'.join(columns) or 'none (shipped)':16s} " + " ".join(f"{f:6.1f} / {c:5.1f}" for f, c in cells)
               + f" {folds:14.1f}")
     lm = FEATURES.index("lm")  # the answer likelihood the reader has, for comparison
