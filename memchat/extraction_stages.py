@@ -207,7 +207,7 @@ class GroupStages:
                 vec = vecs[pos]
                 pos += 1
                 reason = None
-                if qa.support(q, w.words) < cfg.min_question_support:
+                if qa.share_in(q, w.words) < cfg.min_question_support:
                     reason = "not_in_chunk"
                 elif any(float(vec @ k["vec"]) >= cfg.near_duplicate_threshold for k in w.questions):
                     reason = "near_duplicate"

@@ -128,8 +128,9 @@ _INTERROGATIVE = frozenset(
 )
 
 
-def support(text: str, source_words: set[str]) -> float:
-    """Fraction of ``text``'s content words found in ``source_words`` (1.0 for none)."""
+def share_in(text: str, source_words: set[str]) -> float:
+    """Fraction of ``text``'s content words found in ``source_words`` (1.0 for none). Not `rag.support`, which counts
+    only the words an answer adds beyond its question."""
     words = content_words(text)
     if not words:
         return 1.0

@@ -280,6 +280,16 @@ def _is_cap(t: Token) -> bool:
     return t.text[:1].isupper()
 
 
+def _is_initial(t: Token) -> bool:
+    return len(t.text) == 1 and t.text.isupper()
+
+
+def _initial_stop(toks, j: int) -> bool:
+    """toks[j] is an initial whose full stop stays inside a name: "David G. Booth", "J. R. R. Tolkien"."""
+    return (_is_initial(toks[j]) and j + 2 < len(toks) and toks[j + 1].text == "." and _is_word(toks[j + 2])
+            and _is_cap(toks[j + 2]))
+
+
 def _is_numeric(t: Token) -> bool:
     low = t.text.lower()
     return bool(_HAS_DIGIT.search(low)) or low in _NUMBER_WORDS
@@ -379,6 +389,8 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 nxt = toks[j + 1]
                 if _is_word(nxt) and _is_cap(nxt):
                     j += 1
+                elif _initial_stop(toks, j):
+                    j += 2
                 elif nxt.text.lower() in _CONNECTORS and j + 2 < n and _is_cap(toks[j + 2]) and _is_word(toks[j + 2]):
                     j += 2
                 else:
@@ -386,7 +398,7 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
             add(i, j, NAME)
             if j > i:  # "NASA's CALIPSO satellite" -> also "CALIPSO"; a possessive ends a name
                 for k in range(i, j + 1):
-                    if _is_cap(toks[k]) and not _is_stop(toks[k]):
+                    if _is_cap(toks[k]) and not _is_stop(toks[k]) and not _is_initial(toks[k]):
                         add(k, k, NAME)
                 cuts = [k for k in range(i, j) if toks[k].text.endswith(("'s", "’s"))]
                 for a, b in zip([i] + [c + 1 for c in cuts], cuts + [j]):
@@ -403,8 +415,13 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
     while i < n:
         if _is_word(toks[i]) and not _is_stop(toks[i]):
             j = i
-            while j + 1 < n and _is_word(toks[j + 1]) and not _is_stop(toks[j + 1]) and toks[j + 1].text not in breaks:
-                j += 1
+            while j + 1 < n:
+                if _is_word(toks[j + 1]) and not _is_stop(toks[j + 1]) and toks[j + 1].text not in breaks:
+                    j += 1
+                elif _initial_stop(toks, j):
+                    j += 2
+                else:
+                    break
             runs.append((i, j))
             i = j + 1
         else:

@@ -454,6 +454,14 @@ def test_a_month_alone_is_a_date_and_an_opening_adverb_is_no_name():
     assert {sp.text: sp.kind for sp in T.answer_spans("Italy, France and Spain agreed.")}["Italy"] == T.NAME
 
 
+def test_initials_stay_inside_a_name():
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("The school is named after David G. Booth, who gave in 2008.")}
+    assert kinds["David G. Booth"] == T.NAME and "David G" not in kinds
+    assert "J. R. R. Tolkien" in {sp.text for sp in T.answer_spans("It was written by J. R. R. Tolkien in Oxford.")}
+    # a capital letter that ends a sentence-like piece and is not followed by a name stays out of it
+    assert "Appendix B" in {sp.text for sp in T.answer_spans("The data are in Appendix B. the table lists them.")}
+
+
 class Flat:
     """An embedder that gives every text the same unit vector: the reader's embedding features say nothing, so the
     lexical ones decide."""

@@ -580,7 +580,7 @@ def test_end_to_end_bundled_model_via_script(monkeypatch, capsys, torch_single_t
     for r in (r for r in doc["records"] if r["kind"] in ("original", "variation")):
         assert r["question"].endswith("?") and r["answer"]
         assert r["document"] == QA_PDFS[0].name and r["chunk_id"] in chunk_words
-        assert qa.support(r["answer"], chunk_words[r["chunk_id"]]) >= 0.4  # grounded in its chunk
+        assert qa.share_in(r["answer"], chunk_words[r["chunk_id"]]) >= 0.4  # grounded in its chunk
     # auto: the bundled 135M model writes the questions only; each answer is the chunk's best sentence
     assert {r["answer_source"] for r in doc["records"] if r["kind"] == "original"} == {"extractive"}
     assert stats["overall"]["answers"]["model"] == 0 and "picking" in stats["run"]["stage_seconds"]

@@ -147,7 +147,7 @@ def test_grounding():
     assert qa.check_grounded("The Rhine flows.", q, chunk, 0.6) == "restates_question"
     assert qa.check_grounded("It flows into the Pacific Ocean near Tokyo.", q, chunk, 0.6) == "not_grounded"
     assert qa.check_grounded("The Rhine flows to the North Sea since 1815.", q, chunk, 0.6) == "number_not_in_chunk"
-    assert qa.support("Which sea does the Rhine reach?", chunk) == pytest.approx(2 / 3)
+    assert qa.share_in("Which sea does the Rhine reach?", chunk) == pytest.approx(2 / 3)
 
 
 def test_best_sentence_is_the_extractive_repair():
