@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunking import split_sentences
 from .text import STOPWORDS, WORD as _WORD, content_words, normalize  # noqa: F401  (qa.normalize, qa.content_words stay importable)
 
 # Bump when a prompt's wording, a parser or a per-chunk filter changes: cached chunk
@@ -354,13 +355,8 @@ _REFUSAL = re.compile(
     r"no (?:information|mention)|unable to)\b",
     re.IGNORECASE,
 )
-_SENT_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+")
 
 MAX_ANSWER_WORDS = 90
-
-
-def split_into_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT_END.split(text) if s.strip()]
 
 
 def _unquote(text: str) -> str:
@@ -406,7 +402,7 @@ def parse_answer(text: str, question: str = "", *, truncated: bool = False, max_
     if _REFUSAL.search(a):
         tally.dropped["refused"] += 1
         return None, tally
-    sentences = split_into_sentences(a)
+    sentences = split_sentences(a, max_chars=None)
     unique: list[str] = []
     for s in sentences:  # small models loop: "X. X. X."
         if normalize(s) not in {normalize(u) for u in unique}:
@@ -469,7 +465,7 @@ def ground_answer(answer: str, question: str, chunk_words: set[str], min_support
     Small models often start with a grounded sentence, then drift into made-up
     detail; the grounded start is kept and the rest cut (``trimmed``).
     """
-    sentences = split_into_sentences(answer)
+    sentences = split_sentences(answer, max_chars=None)
     qwords = content_words(question)
     kept: list[str] = []
     for s in sentences:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from memchat import qa
+from memchat.chunking import split_sentences
 from memchat.generation import GenerationResult, GenerationStats
 
 
@@ -86,7 +87,7 @@ class ScriptedGenerator:
             evidence = user.split("Text:\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
             if _h(question) % 4 == 0:
                 return "Answer: Bananas are purple cosmic vegetables grown on Jupiter."
-            first = qa.split_into_sentences(evidence)[0]
+            first = split_sentences(evidence, max_chars=None)[0]
             return f"Answer: According to the text, {first}\nQuestion: and what else?"
         if user.startswith("Rewrite the question"):
             source = user.rsplit("Question:", 1)[-1].strip().rstrip("?")
@@ -95,7 +96,7 @@ class ScriptedGenerator:
 
     def _questions(self, user: str) -> str:
         text = user.split('"""')[1]
-        sentences = [s for s in qa.split_into_sentences(text) if len(s.split()) >= 6]
+        sentences = [s for s in split_sentences(text, max_chars=None) if len(s.split()) >= 6]
         style = _h(text) % 3
         if style == 0:  # a chunk that comes up short: one real question, one about the text
             return f"Q: What is {_words(sentences[0], 3) if sentences else 'it'}?\nQ: What does the text say?"
