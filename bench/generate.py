@@ -393,7 +393,7 @@ def main(argv=None) -> int:
                 prompts = prompt_set(name, chunks, embedder, args.prompts)
                 say(f"part 1 [{name}]: {len(prompts)} prompts, batched (batch {args.batch_size}) vs one at a time ...")
                 r = part_batched_vs_loop(gen, prompts, args.batch_size, args.max_new_tokens)
-                r["prompt_tokens_mean"] = round(sum(len(gen._encode(gen.format_prompt(p))) for p in prompts) / len(prompts))
+                r["prompt_tokens_mean"] = round(sum(len(gen.encode(gen.format_prompt(p))) for p in prompts) / len(prompts))
                 results["batched_vs_loop"][name] = r
         if not args.skip_prefix:
             n = min(args.prefix_chunks, len(chunks))

@@ -43,7 +43,7 @@ def question_scores(gen, rows: list[dict], weights: np.ndarray) -> list[dict]:
         messages = [{"role": "system", "content": SYSTEM},
                     {"role": "user", "content": f"Context: {SHOT[0]}\nAnswer: {SHOT[1]}"},
                     {"role": "assistant", "content": SHOT[2]}, {"role": "user", "content": last}]
-        return gen._encode(gen.format_prompt(messages))
+        return gen.encode(gen.format_prompt(messages))
 
     @torch.inference_mode()
     def score(pairs: list[tuple[list[int], list[int]]]) -> list[float]:

@@ -80,7 +80,7 @@ class ChatModel:
 
     def _guide_kwargs(self, question: str, max_length: int, temperature: float, do_sample: bool) -> dict:
         gen = self.generator
-        prompt_tokens = len(gen._encode(gen.format_prompt(self.messages(question))))
+        prompt_tokens = len(gen.encode(gen.format_prompt(self.messages(question))))
         return dict(max_new_tokens=max(1, max_length - prompt_tokens), temperature=temperature if do_sample else 0.0,
                     do_sample=do_sample)
 

@@ -163,7 +163,8 @@ class Generator:
     def format_prompt(self, messages: Messages) -> str:
         return format_chat(self.tokenizer, messages)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a formatted prompt, as ``generate`` feeds them (BOS only where no chat template writes it)."""
         return self.tokenizer(text, add_special_tokens=self._add_special_tokens)["input_ids"]
 
     def _fit(self, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -219,7 +220,7 @@ class Generator:
         if not batch:
             return []
         stop = [s for s in (stop or []) if s]
-        encoded = [self._fit(self._encode(self.format_prompt(m)), max_new_tokens) for m in batch]
+        encoded = [self._fit(self.encode(self.format_prompt(m)), max_new_tokens) for m in batch]
         if share_prefix:
             order = sorted(range(len(encoded)), key=lambda i: encoded[i])  # rows with a common prefix become neighbours
         else:
@@ -256,7 +257,7 @@ class Generator:
         criteria = _StopStrings(self.tokenizer, stop, prompt_width=width)
         start = time.perf_counter()
         try:
-            with _eval_mode(self.model), torch.inference_mode():
+            with eval_mode(self.model), torch.inference_mode():
                 output = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
@@ -320,10 +321,10 @@ class Generator:
         from transformers import DynamicCache
 
         criteria = _StopStrings(self.tokenizer, stop, prompt_width=width)
-        cache_kw = _cache_keyword(self.model)
+        cache_kw = cache_keyword(self.model)
         start = time.perf_counter()
         try:
-            with _eval_mode(self.model), torch.inference_mode():
+            with eval_mode(self.model), torch.inference_mode():
                 cache = DynamicCache()
                 self.model(input_ids=prefixes.to(self.device), attention_mask=prefix_mask.to(self.device),
                            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
@@ -386,7 +387,7 @@ class Generator:
         generation thread at its next token.
         """
         stop = [s for s in (stop or []) if s]
-        ids = self._fit(self._encode(self.format_prompt(messages)), max_new_tokens)
+        ids = self._fit(self.encode(self.format_prompt(messages)), max_new_tokens)
         kwargs = self._generation_kwargs(max_new_tokens, temperature, top_p, repetition_penalty, do_sample)
         streamer = _TokenQueue()
         cancel = threading.Event()
@@ -395,7 +396,7 @@ class Generator:
 
         def run() -> None:
             try:
-                with _eval_mode(self.model), torch.inference_mode():
+                with eval_mode(self.model), torch.inference_mode():
                     self.model.generate(
                         input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.device),
@@ -452,8 +453,8 @@ class Generator:
         pairs = []
         for messages, continuation in requests:
             prompt = self.format_prompt(messages)
-            context = self._encode(prompt)
-            whole = self._encode(prompt + continuation)
+            context = self.encode(prompt)
+            whole = self.encode(prompt + continuation)
             if whole[: len(context)] == context:  # usual case: the boundary does not merge tokens
                 cont = whole[len(context) :]
             else:
@@ -475,7 +476,7 @@ class Generator:
             for row, ids in enumerate(rows):  # right padding: positions 0..n-1 as in an unpadded pass
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
-            with _eval_mode(self.model), torch.inference_mode():
+            with eval_mode(self.model), torch.inference_mode():
                 logits = self.model(
                     input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
                 ).logits  # (B, T, V)
@@ -504,12 +505,12 @@ class Generator:
             text = self.format_prompt(messages[:-1]) + messages[-1]["content"]
         else:
             text = self.format_prompt(messages)
-        ids = self._encode(text)
+        ids = self.encode(text)
         if self.max_positions and len(ids) > self.max_positions:
             ids = ids[-self.max_positions :]
         if not ids:
             return [], []
-        with _eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()  # (T, V)
         logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row t predicts token t + 1
         picked = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
@@ -549,14 +550,14 @@ def _prefix_groups(prompts: list[list[int]], min_tokens: int) -> list[tuple[list
     return [(rows, min(p, min(len(prompts[r]) for r in rows) - 1)) for rows, p in groups]
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """``cache`` in transformers releases that renamed ``past_key_values``, else the old name."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class _eval_mode:
+class eval_mode:
     """eval() for the duration (no dropout), then the caller's mode back (a model mid-training)."""
 
     def __init__(self, model):

@@ -142,17 +142,17 @@ class SpanScorer:
         """
         import torch
 
-        from .generation import _cache_keyword, _eval_mode, format_chat
+        from .generation import cache_keyword, eval_mode, format_chat
 
         gen = self.gen
-        encoded = [gen._encode(gen.format_prompt(m)) for m in prompts]
+        encoded = [gen.encode(gen.format_prompt(m)) for m in prompts]
         shortest = min(len(ids) for ids in encoded)
         common = 0  # every prompt keeps at least one token of its own: its last position predicts a span's first
         while common < shortest - 1 and all(ids[common] == encoded[0][common] for ids in encoded):
             common += 1
         static = 0
         if static_messages:
-            head = gen._encode(format_chat(gen.tokenizer, prompts[0][:static_messages], add_generation_prompt=False))
+            head = gen.encode(format_chat(gen.tokenizer, prompts[0][:static_messages], add_generation_prompt=False))
             # The chat template renders each message on its own, so the shared messages' tokens are a prefix of
             # the whole prompt's. A template that breaks that gets everything encoded each time.
             static = len(head) if len(head) <= common and encoded[0][: len(head)] == head else 0
@@ -173,8 +173,8 @@ class SpanScorer:
             at += len(tokens)
         width = at
         model = gen.model
-        cache_kw = _cache_keyword(model)
-        with _eval_mode(model), torch.inference_mode():
+        cache_kw = cache_keyword(model)
+        with eval_mode(model), torch.inference_mode():
             cache = self._prompt_cache(encoded[0][:common], static, cache_kw)
             ids = torch.tensor([[t for tokens, _, _ in pieces for t in tokens]], dtype=torch.long, device=gen.device)
             positions = torch.tensor([[first + j for tokens, first, _ in pieces for j in range(len(tokens))]],

@@ -65,7 +65,7 @@ class SharedEngine:
         self._worker: threading.Thread | None = None
         self._closed = False
 
-    def __getattr__(self, name):  # resolved, notice, stats, model, format_prompt, _encode, ...
+    def __getattr__(self, name):  # resolved, notice, stats, model, format_prompt, encode, ...
         if name == "inner":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)

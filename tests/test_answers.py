@@ -425,7 +425,7 @@ def test_packed_spans_score_as_each_span_alone(model, request, monkeypatch):
     assert scorer.score(messages, spans, static_messages=1) == scorer.score_prompts([messages], spans, 1)[0]
     both = scorer.score_prompts([messages, null], spans, static_messages=1)  # the context once, both questions
     for msgs, packed in zip([messages, null], both):
-        prompt = gen._encode(gen.format_prompt(msgs))
+        prompt = gen.encode(gen.format_prompt(msgs))
         for span, (lp, n) in zip(spans, packed):
             cont = scorer.encode_continuation(span) + [scorer.end_id]
             with torch.inference_mode():

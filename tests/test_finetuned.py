@@ -109,7 +109,7 @@ def test_generate_response_as_in_the_guide(finetuned):
     assert isinstance(text, str)
     # max_length counts prompt + answer tokens, as transformers' generate does
     gen = chat.generator
-    prompt_tokens = len(gen._encode(gen.format_prompt(chat.messages("What is the capital of France?"))))
+    prompt_tokens = len(gen.encode(gen.format_prompt(chat.messages("What is the capital of France?"))))
     gen.stats.reset()
     chat.generate_response("What is the capital of France?", max_length=prompt_tokens + 3, do_sample=False)
     assert 1 <= gen.stats.new_tokens <= 3
