@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--unanswerable", action="store_true",
                    help="the questions' answers are NOT in the store: measure abstention (ask a store without their PDFs)")
     e.add_argument("--limit", type=int, default=0, help="only the first N questions (0 = all)")
-    e.add_argument("--out", help="output path without extension (default eval_results/<questions>-<time>)")
+    e.add_argument("--out", help="output path, writes PATH.json and PATH.png (a .json or .png ending is dropped first; default eval_results/<questions>-<time>)")
     return p
 
 
@@ -110,11 +110,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from tqdm import tqdm
 
-    from memchat.evaluate import EvalConfig, build_systems, default_output, evaluate, load_questions
+    from memchat.evaluate import EvalConfig, build_systems, default_output, evaluate, load_questions, output_paths
 
     _quiet_transformers()
 
@@ -143,9 +141,9 @@ def cmd_eval(args) -> int:
     report = evaluate(questions, systems, cfg, questions_file=str(args.eval), notices=notices + warnings,
                       progress=progress)
     print(report.table())
-    out = Path(args.out) if args.out else default_output(args.eval)
-    json_path = report.save_json(out.with_name(out.name + ".json"))
-    png_path = report.save_chart(out.with_name(out.name + ".png"))
+    json_out, png_out = output_paths(args.out or default_output(args.eval))
+    json_path = report.save_json(json_out)
+    png_path = report.save_chart(png_out)
     print(f"\nWrote {json_path} and {png_path} ({report.seconds:.0f} s)")
     return 0
 

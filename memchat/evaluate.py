@@ -654,3 +654,12 @@ def build_systems(
 def default_output(questions_path: str | Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return config.home() / RESULTS_DIRNAME / f"{Path(questions_path).stem}-{stamp}"
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    """The report's JSON and chart paths for ``--out``: a stem gets .json and .png; a name that already ends in
+    one of them (``--out results.json``) keeps its stem, so nothing is written as ``results.json.json``."""
+    out = Path(out)
+    if out.suffix.lower() in (".json", ".png"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + ".json"), out.with_name(out.name + ".png")

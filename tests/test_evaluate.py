@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -252,6 +253,14 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, capsys, tiny_gpt2_dir, t
         assert isinstance(p["rag"]["relevance"], float) and isinstance(p["hybrid"]["relevance"], float)
         assert "relevance" not in p["base"] and "relevance" not in p["finetuned"]
     assert (tmp_path / "out" / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_out_with_or_without_an_extension_names_one_json_and_one_png(tmp_path):
+    from memchat.evaluate import output_paths
+
+    for given in ("run", "run.json", "run.PNG"):
+        assert output_paths(tmp_path / given) == (tmp_path / "run.json", tmp_path / "run.png")
+    assert output_paths("a/v1.2") == (Path("a/v1.2.json"), Path("a/v1.2.png"))  # a dot in the name is kept
 
 
 def test_eval_command_without_store_is_one_line(tmp_path, monkeypatch, capsys):
