@@ -35,7 +35,7 @@ from .text import STOPWORDS, WORD as _WORD, content_words, normalize  # noqa: F4
 
 # Bump when a prompt's wording, a parser or a per-chunk filter changes: cached chunk
 # results made by another version are regenerated instead of being mixed in.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: model answers split by chunking.split_sentences; names keep their initials
 
 Messages = list[dict]
 
