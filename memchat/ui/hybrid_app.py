@@ -56,12 +56,13 @@ def availability(kb: KnowledgeBase) -> tuple[dict, object]:
     return {"RAG": rag_reason, "Fine-tuned": ft_reason, "Hybrid": both, "Compare": both}, chat
 
 
-def run_rag(rag, prompt: str) -> dict:
-    pieces, answer = rag.stream(prompt)
+def run_retrieving(system: str, engine, prompt: str) -> dict:
+    """Stream the answer of ``engine`` (the RAG pipeline or the hybrid: both stream and fill an Answer)."""
+    pieces, answer = engine.stream(prompt)
     t0 = time.perf_counter()
     stream_text(pieces)
     seconds = answer.seconds or time.perf_counter() - t0
-    result = {"system": "RAG", "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
+    result = {"system": system, "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
     show_result_footer(result)
     return result
 
@@ -71,16 +72,6 @@ def run_finetuned(chat, prompt: str, settings: dict) -> dict:
     text = stream_text(chat.stream(prompt, **settings))
     result = {"system": "Fine-tuned", "text": text or "", "answer": None, "seconds": time.perf_counter() - t0,
               "model": chat.display_name}
-    show_result_footer(result)
-    return result
-
-
-def run_hybrid(hybrid, prompt: str) -> dict:
-    pieces, answer = hybrid.stream(prompt)
-    t0 = time.perf_counter()
-    stream_text(pieces)
-    seconds = answer.seconds or time.perf_counter() - t0
-    result = {"system": "Hybrid", "text": answer.text, "answer": answer, "seconds": seconds, "model": answer.model}
     show_result_footer(result)
     return result
 
@@ -181,17 +172,17 @@ def render() -> None:
         with st.chat_message("assistant"):
             with errors_shown():
                 if mode == "RAG":
-                    results = [run_rag(rag, prompt)]
+                    results = [run_retrieving("RAG", rag, prompt)]
                 elif mode == "Fine-tuned":
                     results = [run_finetuned(chat, prompt, settings)]
                 elif mode == "Hybrid":
-                    results = [run_hybrid(hybrid, prompt)]
+                    results = [run_retrieving("Hybrid", hybrid, prompt)]
                 else:
                     results = []
                     for col, (name, run) in zip(st.columns(3), [
-                        ("RAG", lambda: run_rag(rag, prompt)),
+                        ("RAG", lambda: run_retrieving("RAG", rag, prompt)),
                         ("Fine-tuned", lambda: run_finetuned(chat, prompt, settings)),
-                        ("Hybrid", lambda: run_hybrid(hybrid, prompt)),
+                        ("Hybrid", lambda: run_retrieving("Hybrid", hybrid, prompt)),
                     ]):
                         with col:
                             st.markdown(f"**{name}**")
