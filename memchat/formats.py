@@ -12,7 +12,8 @@
   form (``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``) that TRL,
   Axolotl and LLaMA-Factory load with ``load_dataset("json", ...)``; ``documents.jsonl``:
   the chunks as ``{"text": ...}`` (continued pre-training form).
-- ``finetuned_model/memchat_model_meta.json``: the model meta (``MODEL_META_FORMAT``).
+- ``finetuned_model/memchat_model_meta.json``: the model meta (``MODEL_META_FORMAT``), and
+  ``finetuned_model/README.md``, the model card written from it (``model_card``).
 
 Every file here goes through ``memchat.fsperm`` (0700 folders, 0600 files). With
 ``encrypt`` on (opt-in: ``extract_faiss_data.py --encrypt``), the files of ``training_data/``
@@ -281,3 +282,63 @@ def read_model_meta(folder: str | Path) -> dict:
             f"this Mem_Chat reads {MODEL_META_FORMAT} version {MODEL_META_VERSION}. Train again."
         )
     return meta
+
+
+def model_card(meta: dict) -> str:
+    """finetuned_model/README.md: what the model is, what it saw, how it was trained and how it scored."""
+    base = meta["base_model"]
+    ds = meta["dataset"]
+    res = meta["results"]
+    mix = meta.get("mix", {})
+    settings = meta["settings"]
+    docs = [d.get("name") for d in (meta.get("lineage") or {}).get("documents") or []]
+    curve = res.get("curve") or []
+    lines = [
+        "---",
+        f"base_model: {base.get('resolved') or base.get('requested')}",
+        "library_name: transformers",
+        "tags: [mem-chat, sft, trl, private]",
+        "---",
+        "",
+        f"# Mem_Chat fine-tuned model ({base.get('display_name')})",
+        "",
+        f"Fine-tuned by Mem_Chat {meta.get('memchat_version')} on {meta.get('created')} from "
+        f"`{base.get('resolved')}` on question/answer data extracted from {len(docs)} private document(s).",
+        "",
+        "## Privacy",
+        "",
+        "This model has learned the content of your documents and can repeat it. Treat the folder like the "
+        "documents themselves: do not publish it or share it with anyone who may not read them.",
+        "",
+        "## Data",
+        "",
+        f"- dataset: `{Path(ds['path']).name}` (sha256 {ds['sha256'][:12]}), {ds['records']['train']} training and "
+        f"{ds['records']['validation']} validation records; generator {ds.get('generator_model')}",
+        "- training records by kind: " + ", ".join(f"{k} {v}" for k, v in (mix.get("records_by_kind") or {}).items()),
+        "- mix: " + ", ".join(f"{k} {'on' if mix.get(k) else 'off'}" for k in ("documents", "qa", "paraphrases", "restatements")),
+        f"- documents: {', '.join(docs) if docs else 'not recorded'}",
+        "",
+        "## Training",
+        "",
+        f"- prompt format: {meta.get('prompt_format')} (a model without a chat template was given one that "
+        "writes `question<eos>answer<eos>`)"
+        + ("; the base template's default system prompt emptied, in training and in the saved template"
+           if meta.get("default_system_prompt_dropped") else ""),
+        f"- {settings['num_train_epochs']:g} epochs max, batch {settings['per_device_train_batch_size']} x "
+        f"{settings['gradient_accumulation_steps']}, lr {settings['learning_rate']:g} {settings['lr_scheduler_type']}, "
+        f"max length {settings['max_length']}, {'LoRA r ' + str(settings['lora_r']) + ' (merged)' if settings.get('lora') else 'all weights'}",
+        f"- best epoch {res.get('best_epoch')} by {res.get('metric_for_best')} = {res.get('best_metric')}; "
+        f"stopped early: {res.get('stopped_early')}; {res.get('global_step')} steps in {res.get('runtime_s')} s",
+        "",
+        "## Validation (held-out question families, answered greedily each epoch)",
+        "",
+        "| epoch | answer-token loss | knowledge F1 | knowledge contains |",
+        "|---|---|---|---|",
+    ]
+    for row in curve:
+        loss = row.get("eval_loss")
+        lines.append(f"| {row.get('epoch') or 0:.0f} | {'' if loss is None else f'{loss:.4f}'} | "
+                     f"{row.get('knowledge_f1', '')} | {row.get('knowledge_contains', '')} |")
+    lines += ["", "Load it with `transformers` (`AutoModelForCausalLM.from_pretrained(folder)`), or chat with it: "
+              "`python test_finetuned_model.py`.", ""]
+    return "\n".join(lines)
