@@ -16,6 +16,7 @@ The fitted weights printed at the end are what ``config.ReaderConfig.weights`` h
 Trying other fits without scoring again: ``--dump rows.json`` once, then
 ``--from-dump rows.json --objective expected_f1`` (or ``--train qa_dev,squad2``, ``--l2 0.1``) in seconds.
 ``--confidence-curve`` prints what abstaining below a reader confidence would trade on each set.
+``--by-document K`` scores folds of whole documents (articles the fit never saw), the honest held-out figure.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def collect(name: str, folder: Path, rag, reader, limit: int) -> list[dict]:
         f1 = np.array([token_f1(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         cont = np.array([contains_gold(sp.text, q["answers"]) for _, sp in cands], dtype=np.float32)
         rows.append({"X": X, "f1": f1, "cont": cont, "set": name, "q": q["question"], "answers": q["answers"],
+                     "doc": q.get("doc"),
                      "sents": sents, "cands": [sp.text for _, sp in cands], "si": [si for si, _ in cands]})
     print(f"{name}: {len(qs)} questions, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return rows
@@ -167,6 +169,31 @@ def kfold_f1(train: list[dict], fit_on, k: int = 2) -> float:
                           for i in range(k)]))
 
 
+def document_of(rows: list[dict]) -> list[str]:
+    """Each row's document (older dumps lack it: found again by the question's text in its set's qa.jsonl)."""
+    found: dict[tuple[str, str], str] = {}
+    for name, folder in SETS.items():
+        for line in (folder / "qa.jsonl").read_text().splitlines():
+            if line.strip():
+                q = json.loads(line)
+                found[(name, q["question"])] = q.get("doc") or ""
+    return [r.get("doc") or found.get((r["set"], r["q"]), "") for r in rows]
+
+
+def by_document_f1(train: list[dict], fit_on, k: int) -> tuple[float, int]:
+    """F1 over ``train``'s questions with whole documents dealt into ``k`` folds, each scored by a fit on the
+    others: the reader never saw the article it is scored on, as with a user's own documents."""
+    docs = document_of(train)
+    names = sorted(set(docs))
+    k = min(k, len(names))
+    total = 0.0
+    for i in range(k):
+        held = set(names[i::k])
+        test = [r for r, d in zip(train, docs) if d in held]
+        total += quality(test, fit_on([r for r, d in zip(train, docs) if d not in held]))[0] * len(test)
+    return total / max(1, len(train)), len(names)
+
+
 def quality(rows: list[dict], w: np.ndarray) -> tuple[float, float, float]:
     f1 = cont = oracle = 0.0
     for r in rows:
@@ -187,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="first N questions per set")
     p.add_argument("--out", default="", help="write the weights as JSON here")
     p.add_argument("--folds", type=int, default=2, help="also report a k-fold split of the training sets (0 = off)")
+    p.add_argument("--by-document", type=int, default=0,
+                   help="also report K folds of whole documents of the training sets (each scored by a fit on the "
+                        "others: the held-out-article figure; 0 = off)")
     p.add_argument("--dump", default="", help="write every question's candidates and features as JSON here")
     p.add_argument("--from-dump", default="", help="read the candidates and features from a --dump file instead "
                    "of ingesting and scoring (seconds, not minutes: for trying objectives)")
@@ -246,6 +276,10 @@ def main(argv=None) -> int:
     if args.folds > 1:  # the training sets' questions dealt into k folds: each fold scored by a fit on the others
         print(f"{args.train:8s} {args.folds}-fold    {kfold_f1(train, fit_on, args.folds):6.1f}   "
               "(F1 on each fold, fitted on the others)")
+    if args.by_document > 1:
+        f1, n_docs = by_document_f1(train, fit_on, args.by_document)
+        print(f"{args.train:8s} by doc    {f1:6.1f}   (F1 with {n_docs} documents in {min(args.by_document, n_docs)} "
+              "folds: each fold's questions scored by a fit on the other documents)")
     if args.confidence_curve:
         for name in args.sets.split(","):
             print(f"{name}: abstaining below a confidence, with these weights")
