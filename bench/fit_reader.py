@@ -155,12 +155,21 @@ def confidence_curve(rows: list[dict], w: np.ndarray, taus=(0.1, 0.15, 0.2, 0.25
     return out
 
 
+LEGACY_COLUMNS = ("cloze", "gain")  # the first two columns of dumps written before stop 27, which name none
+
+
 def load_dump(path: str | Path) -> list[dict]:
-    """A ``--dump`` file's questions, their features, F1 and contains back as arrays."""
+    """A ``--dump`` file's questions, their features (the reader's ``FEATURES``, in order), F1 and contains back as
+    arrays. Each row names its columns; an older dump without names had ``LEGACY_COLUMNS`` first."""
     from memchat.reader import FEATURES
 
-    return [{**r, "X": np.asarray(r["X"], dtype=np.float64).reshape(-1, len(FEATURES)), "f1": np.asarray(r["f1"]),
-             "cont": np.asarray(r["cont"])} for r in json.loads(Path(path).read_text())]
+    out = []
+    for r in json.loads(Path(path).read_text()):
+        names = list(r.get("features") or LEGACY_COLUMNS + FEATURES)
+        X = np.asarray(r["X"], dtype=np.float64).reshape(-1, len(names))
+        out.append({**r, "X": X[:, [names.index(f) for f in FEATURES]], "f1": np.asarray(r["f1"]),
+                    "cont": np.asarray(r["cont"])})
+    return out
 
 
 def kfold_f1(train: list[dict], fit_on, k: int = 2) -> float:
@@ -254,7 +263,7 @@ def main(argv=None) -> int:
             if args.reader_sentences:
                 cfg.reader_sentences = args.reader_sentences
             rag = RAGPipeline(kb, generator, rag=cfg)
-            reader = build_reader(kb.embedder(), generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
+            reader = build_reader(generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
             rows += collect(name, SETS[name], rag, reader, args.limit)
     train = [r for r in rows if r["set"] in args.train.split(",")]
 
@@ -290,7 +299,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(weights, indent=2))
     if args.dump:
-        Path(args.dump).write_text(json.dumps([{**r, "X": r["X"].tolist(), "f1": r["f1"].tolist(),
+        Path(args.dump).write_text(json.dumps([{**r, "features": list(FEATURES), "X": r["X"].tolist(),
+                                                "f1": r["f1"].tolist(),
                                                 "cont": r["cont"].tolist()} for r in rows]))
     return 0
 

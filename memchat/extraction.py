@@ -364,7 +364,7 @@ class FAISSDataExtractor:
             return None
         from .rag import build_reader
 
-        return build_reader(self.embedder, self.generator, self.kb.idf, config.ReaderConfig())
+        return build_reader(self.generator, self.kb.idf, config.ReaderConfig())
 
     def _postfix(self, bar, doing: str) -> None:
         """Progress bar tail: questions kept so far, generation speed, what the current group is doing."""

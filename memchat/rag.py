@@ -177,13 +177,13 @@ def model_parameters(generator) -> float | None:
     return float(sum(p.numel() for p in model.parameters()))
 
 
-def build_reader(embedder, generator, idf, cfg: ReaderConfig):
+def build_reader(generator, idf, cfg: ReaderConfig):
     """The extractive reader RAG answers with (and the extractor, with ``answer_writer="reader"``). An in-process
     model scores the spans; an external engine (no local weights) leaves the reader LM-free."""
     from .reader import ExtractiveReader, SpanScorer
 
     scorer = SpanScorer(generator) if cfg.lm_rerank and model_parameters(generator) else None
-    return ExtractiveReader(embedder, cfg.weights, idf=idf, scorer=scorer, lm_rerank=cfg.lm_rerank)
+    return ExtractiveReader(cfg.weights, idf=idf, scorer=scorer, lm_rerank=cfg.lm_rerank)
 
 
 class RAGPipeline:
@@ -236,7 +236,7 @@ class RAGPipeline:
     @property
     def reader(self):
         if self._reader is None:
-            self._reader = build_reader(self.kb.embedder(), self.generator, self.kb.idf, self.reader_cfg)
+            self._reader = build_reader(self.generator, self.kb.idf, self.reader_cfg)
         return self._reader
 
     # -- retrieval -----------------------------------------------------------

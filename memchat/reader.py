@@ -207,9 +207,11 @@ class SpanScorer:
         return out
 
 
+# Two embedding columns were dropped in stop 27: "cloze" (the question's cosine to the sentence with the span
+# replaced by its wh-word) and "gain" (that minus the sentence's own cosine). Fitted on articles the fit never saw
+# they added nothing ("near", "slot" and the LM carry what they did; bench/README "Stop 27"), and they cost a
+# MiniLM pass over a rewritten sentence per candidate on every question.
 FEATURES = (
-    "cloze",  # cos(question, sentence with the span replaced by its wh-word): SQuAD questions are such rewrites
-    "gain",  # cloze - cos(question, sentence): how much taking the span out makes the sentence the question
     "near",  # idf-weighted closeness of the question's words, outside the span, to the span (answers sit beside them)
     "echo",  # share of the span's content words that the question already has (an answer rarely repeats it)
     "kind_match",  # the span is the kind the question word asks for (who -> name, when -> date, ...)
@@ -229,7 +231,7 @@ FEATURES = (
 )
 
 
-def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[float], embedder, idf,
+def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[float], idf,
              max_words: int = T.MAX_SPAN_WORDS) -> tuple[list[tuple[int, T.Span]], object]:
     """Candidate spans of ``sentences`` and their feature rows (n, len(FEATURES)); ``lm`` and ``pmi`` left at 0."""
     import numpy as np
@@ -249,14 +251,9 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
                 cands.append((si, sp))
     if not cands:
         return [], np.zeros((0, len(FEATURES)), dtype=np.float32)
-    clozes = [sentences[si][: sp.start] + T.wh_word(sp.kind).lower() + sentences[si][sp.end :] for si, sp in cands]
-    vecs = embedder.encode([question, *sentences, *clozes])  # (1 + S + n, dim), normalised
-    qv, sv, cv = vecs[0], vecs[1 : 1 + len(sentences)], vecs[1 + len(sentences) :]
-    s_cos = sv @ qv
-    cloze = cv @ qv
     toks = [T.tokens(s) for s in sentences]
     X = np.zeros((len(cands), len(FEATURES)), dtype=np.float32)
-    for n, ((si, sp), c) in enumerate(zip(cands, cloze)):
+    for n, (si, sp) in enumerate(cands):
         words = T.content_words(sp.text)
         near = 0.0
         inside = [i for i, t in enumerate(toks[si]) if t.start >= sp.start and t.end <= sp.end]
@@ -269,7 +266,7 @@ def features(question: str, sentences: Sequence[str], sentence_scores: Sequence[
             seen.add(w)
             near += idf(w) / (a - i if i < a else i - b)
         X[n] = (
-            float(c), float(c - s_cos[si]), near / q_idf, len(words & qwords) / max(1, len(words)),
+            near / q_idf, len(words & qwords) / max(1, len(words)),
             float(T.kind_matches(qkind, sp.kind)), float(qkind is not None and not T.kind_matches(qkind, sp.kind)),
             float(si == 0), float(sentence_scores[si]), math.log(max(1, sp.words)),
             float(sp.kind == T.NAME), float(sp.kind == T.NUMBER), float(sp.kind == T.DATE), 0.0,
@@ -312,13 +309,12 @@ class ExtractiveReader:
     features also get the model's log-likelihood; without one the reader needs no LM.
     """
 
-    def __init__(self, embedder, weights: Sequence[float], *, idf=None, scorer: SpanScorer | None = None,
+    def __init__(self, weights: Sequence[float], *, idf=None, scorer: SpanScorer | None = None,
                  lm_rerank: int = 0, max_words: int = T.MAX_SPAN_WORDS):
         if len(weights) != len(FEATURES):
             raise ValueError(f"{len(FEATURES)} reader weights needed, got {len(weights)}")
         import numpy as np
 
-        self.embedder = embedder
         self.idf = idf or (lambda word: 1.0)  # the store's BM25 idf (KnowledgeBase.idf); flat without one
         self.w = np.asarray(weights, dtype=np.float32)
         self.scorer = scorer
@@ -326,7 +322,7 @@ class ExtractiveReader:
         self.max_words = max_words
 
     def features(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float]):
-        return features(question, sentences, sentence_scores, self.embedder, self.idf, self.max_words)
+        return features(question, sentences, sentence_scores, self.idf, self.max_words)
 
     def scored(self, question: str, sentences: Sequence[str], sentence_scores: Sequence[float], *,
                hint: str = "", hint_weight: float = 0.0, every_column: bool = False):

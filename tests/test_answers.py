@@ -357,7 +357,7 @@ def test_pmi_rewards_what_the_question_adds_not_what_the_model_likes_anyway():
     prior = {"1773": -1.0, "Joseph Priestley": -9.0, "Birmingham": -8.0}
     scorer = PriorScorer(prior, {q: {"1773": 0.5, "Joseph Priestley": 6.0, "Birmingham": 1.0}})
     only = {name: np.eye(len(FEATURES))[FEATURES.index(name)] for name in ("lm", "pmi")}
-    reader = ExtractiveReader(FakeEmbedder(), only["pmi"] + 1e-3 * only["lm"], scorer=scorer, lm_rerank=50)
+    reader = ExtractiveReader(only["pmi"] + 1e-3 * only["lm"], scorer=scorer, lm_rerank=50)
     cands, X, _ = reader.scored(q, sentences, [1.0, 0.5])
     texts = [sp.text for _, sp in cands]
     assert {"1773", "Joseph Priestley", "Birmingham"} <= set(texts)
@@ -367,10 +367,10 @@ def test_pmi_rewards_what_the_question_adds_not_what_the_model_likes_anyway():
     assert scorer.questions == [q, NULL_QUESTION]  # one scoring with the question, one with the null question
     assert reader.read(q, sentences, [1.0, 0.5]).answer == "Joseph Priestley"
     # the LM alone picks the span it likes anyway
-    assert ExtractiveReader(FakeEmbedder(), only["lm"], scorer=scorer, lm_rerank=50).read(q, sentences, [1.0, 0.5]).answer == "1773"
+    assert ExtractiveReader(only["lm"], scorer=scorer, lm_rerank=50).read(q, sentences, [1.0, 0.5]).answer == "1773"
     # with no weight on pmi, no second scoring is spent
     scorer.questions.clear()
-    ExtractiveReader(FakeEmbedder(), only["lm"], scorer=scorer, lm_rerank=50).scored(q, sentences, [1.0, 0.5])
+    ExtractiveReader(only["lm"], scorer=scorer, lm_rerank=50).scored(q, sentences, [1.0, 0.5])
     assert scorer.questions == [q]
 
 
@@ -462,16 +462,6 @@ def test_initials_stay_inside_a_name():
     assert "Appendix B" in {sp.text for sp in T.answer_spans("The data are in Appendix B. the table lists them.")}
 
 
-class Flat:
-    """An embedder that gives every text the same unit vector: the reader's embedding features say nothing, so the
-    lexical ones decide."""
-
-    def encode(self, texts):
-        import numpy as np
-
-        return np.ones((len(texts), 4), dtype=np.float32) / 2.0
-
-
 def test_enumerations_are_candidates_only_when_asked_for():
     s = "The human airway consists of respiratory bronchioles, alveolar ducts, and alveolar sacs."
     plain = {sp.text for sp in T.answer_spans(s)}
@@ -500,10 +490,10 @@ def test_the_slot_feature_reads_the_words_before_the_question_word():
     assert T.slot_match(["with", "line"], ["line", "with"]) == 0.0  # order counts: nearest against nearest
     from memchat.reader import FEATURES, features
 
-    cands, X = features("The inside of a ctenophore is lined with what?", [s], [1.0], Flat(), lambda w: 1.0)
+    cands, X = features("The inside of a ctenophore is lined with what?", [s], [1.0], lambda w: 1.0)
     slot = {sp.text: X[n, FEATURES.index("slot")] for n, (_, sp) in enumerate(cands)}
     assert slot["epithelium"] == 1.5 and slot["gastrodermis"] == 0.0 and slot["cavity"] == 0.0
-    _, X = features("What is the gastrodermis?", [s], [1.0], Flat(), lambda w: 1.0)
+    _, X = features("What is the gastrodermis?", [s], [1.0], lambda w: 1.0)
     assert not X[:, FEATURES.index("slot")].any()  # a fronted question word with nothing stranded: no slot
 
 
@@ -520,6 +510,6 @@ def test_the_shipped_weights_follow_the_slot(sentence, question, answer, without
     from memchat.reader import FEATURES, ExtractiveReader
 
     weights = list(ReaderConfig().weights)
-    assert ExtractiveReader(Flat(), weights).read(question, [sentence], [1.0]).answer == answer
+    assert ExtractiveReader(weights).read(question, [sentence], [1.0]).answer == answer
     weights[FEATURES.index("slot")] = 0.0
-    assert ExtractiveReader(Flat(), weights).read(question, [sentence], [1.0]).answer == without
+    assert ExtractiveReader(weights).read(question, [sentence], [1.0]).answer == without
