@@ -289,7 +289,7 @@ def cmd_ask(args) -> int:
     if answer.hits:
         print("\nSources:")
         for h in answer.hits:
-            print(f"  - {h.citation}  (score {h.score:.2f})")
+            print(f"  - {h.citation}  (similarity {h.score:.2f})")
     return 0
 
 

@@ -42,7 +42,7 @@ def test_add_list_ask_remove(monkeypatch, capsys, tiny_qwen_dir):
     code = run_main(monkeypatch, "ask", "How long is the Rhine?", "--model", str(tiny_qwen_dir), "--max-new-tokens", "8")
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "Sources:" in out and f"{QA_PDFS[3].name}, p. 1" in out
+    assert "Sources:" in out and "(similarity " in out and f"{QA_PDFS[3].name}, p. 1" in out
     assert "Evidence:" in out
 
     assert run_main(monkeypatch, "remove", QA_PDFS[3].name) == 0

@@ -135,7 +135,7 @@ def show_sources(answer) -> None:
         st.markdown("**Sources:** " + "; ".join(md_escape(c) for c in answer.citations))
         with st.expander(f"Retrieved passages ({len(answer.hits)})"):
             for h in answer.hits:
-                st.markdown(f"**{md_escape(h.citation)}** · score {h.score:.2f}")
+                st.markdown(f"**{md_escape(h.citation)}** · similarity {h.score:.2f}")
                 st.text(h.text)
 
 
