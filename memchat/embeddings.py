@@ -106,6 +106,7 @@ class Embedder:
         self.exported = False  # True when this instance had to make the ONNX export
         self.onnx_path: Path | None = None
         self.fallback_reason: str | None = None
+        self._last_query: tuple[str, np.ndarray] | None = None  # (text, vector) of the last encode_query
         self._model_dir = _local_folder(resolved.path)
 
         start = time.perf_counter()
@@ -150,8 +151,17 @@ class Embedder:
         return self._encode_onnx(texts, progress)
 
     def encode_query(self, text: str) -> np.ndarray:
-        """(dim,) float32, L2-normalised."""
-        return self.encode([text])[0]
+        """(dim,) float32, L2-normalised.
+
+        One answer embeds its question twice (chunk search, then evidence ranking): the last query's vector is
+        kept, so the second costs nothing. A copy is returned, so a caller cannot change the kept one.
+        """
+        last = self._last_query  # one read: another thread may replace the pair, never half of it
+        if last is not None and last[0] == text:
+            return last[1].copy()
+        vector = self.encode([text])[0]
+        self._last_query = (text, vector.copy())
+        return vector
 
     def __repr__(self) -> str:
         return f"Embedder({self.model_name!r}, backend={self.backend!r}, dim={self.dim})"

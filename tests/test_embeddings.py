@@ -72,6 +72,19 @@ def test_empty_input(embedders, backend):
     assert out.shape == (0, 384) and out.dtype == np.float32
 
 
+def test_the_same_query_twice_is_embedded_once(embedders, monkeypatch):
+    e = embedders["onnx"]
+    first = e.encode_query("who discovered oxygen?")
+    calls = []
+    real = e.encode
+    monkeypatch.setattr(e, "encode", lambda texts, progress=False: calls.append(list(texts)) or real(texts))
+    first[:] = 0.0  # a caller scribbling on its vector must not change the kept one
+    again = e.encode_query("who discovered oxygen?")
+    assert calls == [] and abs(float(np.linalg.norm(again)) - 1.0) < 1e-5
+    other = e.encode_query("who discovered penicillin?")
+    assert calls == [["who discovered penicillin?"]] and float(other @ again) < 0.999
+
+
 def test_encode_refuses_a_bare_string(embedders):
     with pytest.raises(TypeError, match="encode_query"):
         embedders["onnx"].encode("one text")
