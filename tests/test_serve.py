@@ -21,7 +21,6 @@ from memchat import config
 from memchat.config import GenerationConfig, ServeConfig
 from memchat.generation import Generator, GenerationResult, GenerationStats
 from memchat.knowledge import KnowledgeBase
-from memchat.rag import RAGPipeline
 from memchat.serve import (
     FINETUNED_MODEL, HYBRID_MODEL, RAG_MODEL, MemChatService, check_bind, create_app, parse_chat_request,
 )
