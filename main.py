@@ -279,9 +279,8 @@ def cmd_ask(args) -> int:
     if mode == "generative":
         print(answer.text, end="")
     print()
-    if mode == "extractive" and answer.status == ANSWERED:
-        print(f"(copied from the document; the reader's confidence in this phrase: {answer.confidence:.0%})",
-              file=sys.stderr)
+    if answer.note:
+        print(f"({answer.note})", file=sys.stderr)
     if answer.status != ANSWERED and answer.generated:
         print(f"(The model's answer was not supported by the documents: {answer.generated!r})", file=sys.stderr)
     if answer.evidence_line:

@@ -228,6 +228,14 @@ class ReaderConfig:
     # oracle F1 on squad2 (8 kept 84%) and costs one pass over the context plus one packed pass over both
     # questions and the 24 short spans after each (SpanScorer.score_prompts). 0 = off (no LM).
     lm_rerank: int = 24
+    # The reader's candidates and features are English rules (capitalised names, stop words at a span's edges,
+    # wh-words, units), so it picks phrases only from evidence that reads as English; otherwise the answer is the
+    # best evidence sentence itself, still copied and cited. The test is the share of the evidence's words that
+    # are English function words (text.english_share). Over the reader's 3 sentences (`bench/reader_language.py`)
+    # it is 0.10 at the lowest on the English dev sets' 336 questions (a covid table; medians 0.34 to 0.40), and
+    # 0.00 to 0.03 for 13 questions in German, French and Japanese about ../shared/data/pdfs/non_english. 0.05
+    # sits in that gap with a factor of two or more each side.
+    min_english_share: float = 0.05
 
 
 @dataclass

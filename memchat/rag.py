@@ -6,7 +6,8 @@ Three answer modes (``config.RAGConfig.mode``, ``MEMCHAT_ANSWER_MODE``, ``main.p
               (``reader.ExtractiveReader``), so it can never state what the documents
               do not say; it cites the page of the sentence it came from. The model only
               scores the best few candidate spans (it writes nothing); the default for
-              small models.
+              small models. The reader's rules are English ones: from evidence in another
+              language the answer is the best evidence sentence, copied whole.
   generative  An instruct model writes the answer from the evidence sentences; the
               answer is then *verified*: the words it adds beyond the question must be
               found in the evidence (``verify``), else it is not shown as fact ("the
@@ -52,6 +53,7 @@ SYSTEM_PROMPT = (
 )
 
 ANSWERED, UNSUPPORTED, NO_ANSWER, NO_DOCUMENTS = "answered", "unsupported", "no_answer", "no_documents"
+PHRASE, SENTENCE = "phrase", "sentence"  # what an extractive answer copied (Answer.picked)
 IDK_TEXT = "I don't know: the documents don't seem to answer this."
 UNSUPPORTED_TEXT = "The documents don't answer this clearly."
 _NO_CONTEXT = "The knowledge base has no documents yet. Add PDFs first."
@@ -87,6 +89,7 @@ class Answer:
     passage: str = ""  # the best sentence with its neighbours: shown as the closest passage
     generated: str = ""  # generative: the model's text before verification (kept for inspection)
     source: Evidence | None = None  # the evidence sentence the answer came from
+    picked: str = ""  # extractive: PHRASE (the reader's span) or SENTENCE (the best sentence: evidence not English)
 
     @property
     def abstained(self) -> bool:
@@ -102,6 +105,15 @@ class Answer:
         for h in self.hits:
             seen.setdefault(h.citation, None)
         return list(seen)
+
+    @property
+    def note(self) -> str:
+        """What an extractive answer is, for the line under it ("" for any other answer)."""
+        if self.mode != "extractive" or self.status != ANSWERED:
+            return ""
+        if self.picked == SENTENCE:
+            return "Copied from the document: the best-matching sentence; phrases are picked from English text only"
+        return f"Copied from the document; the reader's confidence in this phrase: {self.confidence:.0%}"
 
     @property
     def evidence_line(self) -> str:
@@ -331,13 +343,19 @@ class RAGPipeline:
         """Fill ``a`` with the reader's span from its evidence (``hint``: see ``ExtractiveReader.read``)."""
         t0 = time.perf_counter()
         ev = a.evidence[: self.cfg.reader_sentences]
+        if ev and T.english_share(" ".join(e.sentence for e in ev)) < self.reader_cfg.min_english_share:
+            a.text, a.source, a.picked, a.confidence = ev[0].sentence, ev[0], SENTENCE, 0.0
+            a.passage = self.passage(ev[0])
+            a.model = "best evidence sentence (not English text: the reader picks phrases in English only)"
+            a.timings["read_s"] = time.perf_counter() - t0
+            return a
         reading = self.reader.read(a.question, [e.sentence for e in ev], [e.score for e in ev], hint=hint,
                                    hint_weight=hint_weight)
         a.timings["read_s"] = time.perf_counter() - t0
         if not reading.answer:
             a.status, a.text = NO_ANSWER, IDK_TEXT
             return a
-        a.text, a.confidence = reading.answer, reading.confidence
+        a.text, a.confidence, a.picked = reading.answer, reading.confidence, PHRASE
         a.source = ev[reading.sentence_index]
         a.passage = self.passage(a.source)
         if reading.confidence < self.cfg.min_confidence:

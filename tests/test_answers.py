@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from memchat import text as T
-from memchat.config import RAGConfig
+from memchat.config import RAGConfig, ReaderConfig
 from memchat.generation import GenerationResult
 from memchat.knowledge import KnowledgeBase, document_title, rrf_fuse
-from memchat.rag import ANSWERED, IDK_TEXT, NO_ANSWER, UNSUPPORTED, RAGPipeline, coverage, support
+from memchat.rag import (ANSWERED, IDK_TEXT, NO_ANSWER, PHRASE, SENTENCE, UNSUPPORTED, RAGPipeline, coverage,
+                         support)
 from tests.fakes import FakeEmbedder
 from tests.pdfmaker import text_pdf
 
@@ -135,6 +136,28 @@ def test_extractive_answer_is_a_span_of_a_retrieved_chunk_with_its_page(tmp_path
     assert a.source is not None and a.text in a.source.sentence and a.source.sentence in " ".join(a.source.hit.text.split())
     assert a.citations[0] == a.source.hit.citation  # the citation is the page of the chunk the span came from
     assert a.citations[0].startswith("plants.pdf, p")
+    assert a.picked == PHRASE and "confidence in this phrase" in a.note
+
+
+# A German manual's lines (ASCII spellings: the test PDFs use a standard font).
+GERMAN = [["Die Installation erfordert fast 2 GiB an zusaetzlichem Plattenplatz auf dem Server.",
+           "Der Befehl muss nach jeder Aenderung der Konfiguration erneut ausgefuehrt werden."]]
+
+
+def test_english_share_tells_english_text_from_other_languages():
+    assert T.english_share(" ".join(OXYGEN[0])) > 0.2
+    assert T.english_share(" ".join(GERMAN[0])) < ReaderConfig().min_english_share
+    assert T.english_share("") == 0.0
+
+
+def test_evidence_that_is_not_english_is_answered_with_its_best_sentence(tmp_path):
+    """The reader's rules are English ones: from other text the answer is the best sentence, copied and cited."""
+    kb = kb_with(tmp_path, handbuch=GERMAN)
+    a = RAGPipeline(kb, rag=RAGConfig(mode="extractive")).answer("Wie viel Plattenplatz erfordert die Installation?")
+    assert a.status == ANSWERED and a.picked == SENTENCE
+    assert a.text == a.source.sentence and a.text in " ".join(a.source.hit.text.split())
+    assert a.text.startswith("Die Installation erfordert")
+    assert a.citations[0] == a.source.hit.citation and "best-matching sentence" in a.note
 
 
 def test_extractive_reader_picks_the_kind_asked_for(tmp_path):

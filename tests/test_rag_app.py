@@ -40,6 +40,7 @@ def test_documents_listed_chat_answers_with_citations_and_remove(app):
     assert "Where does the Rhine flow?" in md
     assert "**Sources:**" in md and f"{QA_PDFS[3].name}, p. 1" in md
     assert any("Evidence:" in c.value for c in app.caption)
+    assert any("confidence in this phrase" in c.value for c in app.caption)  # Answer.note: a copied phrase
     assert len(app.chat_message) == 2
 
     rm = next(b for b in app.sidebar.button if b.key == f"rm-{QA_PDFS[3].name}")

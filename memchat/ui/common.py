@@ -127,8 +127,8 @@ def stream_text(pieces: Iterable[str], container=None) -> str:
 
 def show_sources(answer) -> None:
     """Evidence line, citations and retrieved passages under an answer, all as text."""
-    if getattr(answer, "mode", "") == "extractive" and getattr(answer, "status", "") == "answered":
-        st.caption(f"Copied from the document · the reader's confidence in this phrase: {answer.confidence:.0%}")
+    if getattr(answer, "note", ""):
+        st.caption(md_escape(answer.note))
     if answer.evidence_line:
         st.caption(md_escape(answer.evidence_line))
     if answer.hits:
