@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_flags(app, AppConfig.rag_port)
 
     add = sub.add_parser("add", help="add or update PDFs")
-    add.add_argument("files", nargs="+", help="PDF files")
+    add.add_argument("files", nargs="+", help="PDF files, or folders: a folder adds the PDFs directly inside it")
     add.add_argument("--password", action="append", default=[], metavar="NAME",
                      help="prompt for the password of the encrypted PDF NAME (repeatable). Without a prompt: "
                           "MEMCHAT_PDF_PASSWORD is tried on every encrypted PDF. NAME=PASSWORD still works but puts "
@@ -122,6 +122,11 @@ def cmd_add(args) -> int:
 
     from memchat.names import escape_controls
 
+    args.files, empty = expand_folders(args.files)
+    for folder in empty:
+        print(f"{escape_controls(folder)}: a folder with no PDF files directly inside it", file=sys.stderr)
+    if not args.files:
+        return 1
     passwords = pdf_passwords(args.files, args.password)
     kb = _kb(args)
     if args.no_ocr:
@@ -141,7 +146,28 @@ def cmd_add(args) -> int:
         results = [again.get(r.name, r) for r in results]
     for r in results:
         print(escape_controls(r.message), file=sys.stderr if r.status == "error" else sys.stdout)
-    return 1 if any(r.status == "error" for r in results) else 0
+    return 1 if empty or any(r.status == "error" for r in results) else 0
+
+
+def expand_folders(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(files, folders with no PDF): each folder replaced by the ``*.pdf`` files directly inside it, by name.
+
+    Sub-folders are not searched: a document is known by its file name, so two ``report.pdf`` from two
+    sub-folders would become versions of one document.
+    """
+    from pathlib import Path
+
+    files: list[str] = []
+    empty: list[str] = []
+    for p in paths:
+        if not Path(p).is_dir():
+            files.append(p)
+            continue
+        pdfs = sorted(str(f) for f in Path(p).iterdir() if f.suffix.lower() == ".pdf" and f.is_file())
+        files.extend(pdfs)
+        if not pdfs:
+            empty.append(p)
+    return files, empty
 
 
 def pdf_passwords(files: list[str], flags: list[str]) -> dict[str, str]:
@@ -257,9 +283,12 @@ def cmd_rekey(args) -> int:
 
 def cmd_ask(args) -> int:
     from memchat.config import GenerationConfig, RAGConfig
+    from memchat.errors import MemChatError
     from memchat.llm_client import make_engine, server_url
     from memchat.rag import ANSWERED, RAGPipeline
 
+    if not args.question.strip():
+        raise MemChatError('The question is empty: ask something, e.g. main.py ask "What does section 3 require?"')
     kb = _kb(args)
     kb.store.read()  # fail fast (no store, wrong key) before loading any model
     cfg = RAGConfig(top_k=args.top_k)

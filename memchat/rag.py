@@ -319,6 +319,8 @@ class RAGPipeline:
 
     # -- the steps -----------------------------------------------------------
     def prepare(self, question: str) -> tuple[list[Hit], list[Evidence], list[dict], dict]:
+        if not question.strip():
+            raise ValueError("The question is empty.")  # callers check user input first (main.py ask, serve, apps)
         t0 = time.perf_counter()
         hits = self.retrieve(question)
         t1 = time.perf_counter()

@@ -393,6 +393,9 @@ def parse_chat_request(body) -> ChatRequest:
     if not any(m["role"] == "user" for m in clean) and model.startswith("memchat-"):
         raise APIError(400, "'messages' has no user message: nothing to answer.", param="messages",
                        code="invalid_messages")
+    if model.startswith("memchat-") and not req.question.strip():
+        raise APIError(400, "The last user message is empty: nothing to answer.", param="messages",
+                       code="invalid_messages")
     return req
 
 

@@ -167,6 +167,12 @@ def test_extractive_reader_picks_the_kind_asked_for(tmp_path):
     assert "Priestley" in rag.answer("Who discovered oxygen?").text
 
 
+def test_an_empty_question_is_refused(tmp_path):
+    rag = RAGPipeline(kb_with(tmp_path, plants=OXYGEN), rag=RAGConfig(mode="extractive"))
+    with pytest.raises(ValueError, match="empty"):
+        rag.answer(" \t")
+
+
 def test_abstains_on_a_store_without_the_answer(tmp_path):
     kb = kb_with(tmp_path, gears=GEARS)
     for mode in ("extractive", "generative"):

@@ -60,12 +60,33 @@ def test_errors_are_one_line_exit_1(monkeypatch, capsys):
     assert run_main(monkeypatch, "remove", "nothing.pdf") == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
+    assert run_main(monkeypatch, "ask", "   ") == 1  # checked before the store or any model
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "question is empty" in err[0]
+
     txt = Path("notes.pdf")
     txt.write_text("just text, not a PDF")
     assert run_main(monkeypatch, "add", str(txt)) == 1
     err = capsys.readouterr().err
     assert "notes.pdf" in err and "PDF" in err
     assert not (config.storage_dir() / config.INDEX_FILENAME).exists()  # nothing was written
+
+
+def test_a_folder_adds_the_pdfs_directly_inside_it(monkeypatch, capsys, tmp_path):
+    import shutil
+
+    docs, empty = tmp_path / "docs", tmp_path / "empty"
+    (docs / "sub").mkdir(parents=True)
+    empty.mkdir()
+    for pdf in QA_PDFS[:2]:
+        shutil.copy(pdf, docs / pdf.name)
+    shutil.copy(QA_PDFS[2], docs / "sub" / QA_PDFS[2].name)  # not searched
+    (docs / "notes.txt").write_text("not a PDF")  # not picked up
+    assert run_main(monkeypatch, "add", str(docs), str(empty)) == 1  # the empty folder is an error...
+    out, err = capsys.readouterr()
+    assert f"{QA_PDFS[0].name}: added" in out and f"{QA_PDFS[1].name}: added" in out  # ...the rest went in
+    assert QA_PDFS[2].name not in out and "notes.txt" not in out + err
+    assert f"{empty}: a folder with no PDF files directly inside it\n" in err
 
 
 def test_help_for_every_subcommand(monkeypatch, capsys):

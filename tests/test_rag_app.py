@@ -34,6 +34,8 @@ def test_documents_listed_chat_answers_with_citations_and_remove(app):
     sidebar_text = " ".join(m.value for m in app.sidebar.markdown)
     assert QA_PDFS[2].name in sidebar_text and QA_PDFS[3].name in sidebar_text and "v1" in sidebar_text
 
+    app.chat_input[0].set_value("   ").run()  # a blank message asks nothing
+    assert not app.exception and len(app.chat_message) == 0
     app.chat_input[0].set_value("Where does the Rhine flow?").run()
     assert not app.exception
     md = " ".join(m.value for m in app.markdown)

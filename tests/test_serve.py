@@ -238,6 +238,9 @@ def test_bad_requests_are_openai_errors_and_change_nothing(api, isolated_home):
     assert exc.value.body["code"] == "invalid_messages"
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=RAG_MODEL, messages=[{"role": "system", "content": "no question"}])
+    with pytest.raises(openai.BadRequestError) as exc:  # a blank question asks nothing
+        c.chat.completions.create(model=RAG_MODEL, messages=[{"role": "user", "content": "  \n"}])
+    assert "empty" in exc.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=BASE, messages=ASK, max_tokens=-3)
 

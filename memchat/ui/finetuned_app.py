@@ -51,7 +51,7 @@ def render(model_dir: str | Path | None = None) -> None:
             if msg.get("caption"):
                 st.caption(msg["caption"])
 
-    if prompt := st.chat_input("Ask the fine-tuned model"):
+    if (prompt := st.chat_input("Ask the fine-tuned model")) and prompt.strip():  # a blank message asks nothing
         st.session_state.ft_messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)

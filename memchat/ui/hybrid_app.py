@@ -165,7 +165,7 @@ def render() -> None:
 
                 hybrid = HybridPipeline(rag, chat, strategy=strategy)
 
-    if prompt := st.chat_input("Ask a question about your documents"):
+    if (prompt := st.chat_input("Ask a question about your documents")) and prompt.strip():  # a blank message asks nothing
         st.session_state.hybrid_messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)

@@ -88,7 +88,7 @@ def render() -> None:
             if msg.get("answer") is not None:
                 show_sources(msg["answer"])
 
-    if prompt := st.chat_input("Ask a question about your documents"):
+    if (prompt := st.chat_input("Ask a question about your documents")) and prompt.strip():  # a blank message asks nothing
         st.session_state.messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)
