@@ -461,7 +461,7 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
         for i, j in _enumerations(toks):
             words = sum(1 for t in toks[i : j + 1] if _is_word(t))
             if words <= max_words:
-                add(i, j, PHRASE)
+                add(i, j, NAME if _names_only(toks, i, j) else PHRASE)
             elif clauses:
                 add(i, j, CLAUSE)
     return [Span(sentence[s:e], s, e, kind) for (s, e), kind in sorted(found.items())]
@@ -470,6 +470,13 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
 _LIST_JOINS = {"and", "or"}
 MAX_LIST_ITEM_WORDS = 6  # an item of an enumeration is a short noun phrase ("alveolar ducts", "protein chip")
 MAX_LIST_ITEMS = 8  # items read back from the join; longer runs of commas are tables or keyword lists
+
+
+def _names_only(toks: list[Token], i: int, j: int) -> bool:
+    """Every word of ``toks[i..j]`` but the list's joins and names' connectors is capitalised: a list of names
+    ("Neil Armstrong, Michael Collins and Buzz Aldrin") answers a who- or where-question as one name does."""
+    words = [t for t in toks[i : j + 1] if _is_word(t) and t.text.lower() not in _LIST_JOINS | _CONNECTORS]
+    return bool(words) and all(_is_cap(t) for t in words)
 
 
 def _enumerations(toks: list[Token]) -> list[tuple[int, int]]:

@@ -509,6 +509,20 @@ def test_enumerations_are_candidates_only_when_asked_for():
         assert long[sp.start : sp.end] == sp.text
 
 
+def test_a_list_of_names_is_a_name():
+    """It answers "Who were the astronauts?" as one name does (kind_match), so its tail alone no longer wins."""
+    s = "The crew consisted of Neil Armstrong, Michael Collins and Buzz Aldrin."
+    kinds = {sp.text: sp.kind for sp in T.answer_spans(s, lists=True)}
+    assert kinds["Neil Armstrong, Michael Collins and Buzz Aldrin"] == T.NAME
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("It was designed by Cobb, Shepley, Rutan and Coolidge, and "
+                                                        "others.", lists=True)}
+    assert kinds["Cobb, Shepley, Rutan and Coolidge"] == T.NAME
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("Grown in France, the Netherlands and Spain.", lists=True)}
+    assert kinds["France, the Netherlands and Spain"] == T.NAME  # a name's connectors may sit inside
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("They grew apples, Pears and plums.", lists=True)}
+    assert kinds["apples, Pears and plums"] == T.PHRASE  # one lower-case item: not a list of names
+
+
 def test_the_slot_feature_reads_the_words_before_the_question_word():
     assert T.slot_words("The inside of a ctenophore is lined with what?") == ["with", "line"]  # in place: its left words
     assert T.slot_words("What did the water flow across?") == ["across"]  # fronted: the stranded preposition
