@@ -341,10 +341,10 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
     n = len(toks)
     found: dict[tuple[int, int], str] = {}
 
-    def add(i: int, j: int, kind: str) -> None:  # tokens i..j inclusive
-        while i <= j and (not _is_word(toks[i]) or (_is_stop(toks[i]) and not _is_numeric(toks[i]))):
+    def add(i: int, j: int, kind: str, exact: bool = False) -> None:  # tokens i..j inclusive
+        while i <= j and (not _is_word(toks[i]) or (_is_stop(toks[i]) and not _is_numeric(toks[i]) and not exact)):
             i += 1
-        while j >= i and (not _is_word(toks[j]) or (_is_stop(toks[j]) and not _is_numeric(toks[j]))):
+        while j >= i and (not _is_word(toks[j]) or (_is_stop(toks[j]) and not _is_numeric(toks[j]) and not exact)):
             j -= 1
         limit = MAX_CLAUSE_WORDS if kind == CLAUSE else max_words
         if i > j or sum(1 for t in toks[i : j + 1] if _is_word(t)) > limit:
@@ -441,6 +441,16 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
             gap = [toks[k].text.lower() for k in range(j + 1, i2)]
             if gap and len(gap) <= 2 and all(g in {"of", "the", "and", "a", "an", "in", "for", "'s", "’s"} for g in gap):
                 add(i, j2, PHRASE)
+    # quoted: the words between quotation marks, whole (a term named or defined: the phrase "all possible
+    # algorithms"), its stop words kept
+    opened = None
+    for k, t in enumerate(toks):
+        if t.text in _QUOTES_OPEN and opened is None:
+            opened = k
+        elif t.text in _QUOTES_CLOSE and opened is not None:
+            if k > opened + 1:
+                add(opened + 1, k - 1, PHRASE, exact=True)
+            opened = None
     if clauses:  # clauses: the stretches between commas, semicolons and brackets, and pairs of them
         segs: list[tuple[int, int]] = []
         i = 0
@@ -468,6 +478,7 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
 
 
 _LIST_JOINS = {"and", "or"}
+_QUOTES_OPEN, _QUOTES_CLOSE = {'"', "“"}, {'"', "”"}
 MAX_LIST_ITEM_WORDS = 6  # an item of an enumeration is a short noun phrase ("alveolar ducts", "protein chip")
 MAX_LIST_ITEMS = 8  # items read back from the join; longer runs of commas are tables or keyword lists
 

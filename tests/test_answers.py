@@ -509,6 +509,15 @@ def test_enumerations_are_candidates_only_when_asked_for():
         assert long[sp.start : sp.end] == sp.text
 
 
+def test_a_quoted_term_is_a_candidate_whole():
+    s = 'The phrase "all possible algorithms" includes any algorithm. They were “less civilized” to him, he said "".'
+    spans = {sp.text: sp for sp in T.answer_spans(s)}
+    assert "all possible algorithms" in spans and "less civilized" in spans  # stop words at its edges kept
+    assert s[spans["all possible algorithms"].start : spans["all possible algorithms"].end] == "all possible algorithms"
+    assert "possible algorithms" in spans  # the trimmed phrase stays a candidate too
+    assert not any('"' in t or "“" in t for t in spans)
+
+
 def test_a_list_of_names_is_a_name():
     """It answers "Who were the astronauts?" as one name does (kind_match), so its tail alone no longer wins."""
     s = "The crew consisted of Neil Armstrong, Michael Collins and Buzz Aldrin."
