@@ -132,8 +132,9 @@ _ERAS = {"BC", "BCE", "AD", "CE", "BP"}
 _YEAR_BEFORE = {"in", "since", "by", "until", "till", "from", "during", "before", "after", "around", "circa", "c."}
 _YEARISH = re.compile(r"^(1[0-9]{3}|20[0-9]{2})s?$|^[0-9]{2,4}s$")
 _HAS_DIGIT = re.compile(r"\d")
-_NUMBER_WORDS = set("one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred "
-                    "thousand million billion dozen half".split())
+_NUMBER_WORDS = set("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+                    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred "
+                    "thousand million billion trillion dozen half".split())
 
 PLACE = "place"  # a question kind only: answered by a NAME span ("Where ...?" -> "the Atlantic")
 
@@ -297,9 +298,16 @@ def _initial_stop(toks, j: int) -> bool:
             and _is_cap(toks[j + 2]))
 
 
+def _plural_possessive(toks, j: int) -> bool:
+    """``toks[j]`` is a plural with its possessive apostrophe right after it ("Peasants'")."""
+    return (j + 1 < len(toks) and toks[j + 1].text in {"'", "’"} and toks[j].text.endswith("s")
+            and toks[j].end == toks[j + 1].start)
+
+
 def _is_numeric(t: Token) -> bool:
     low = t.text.lower()
-    return bool(_HAS_DIGIT.search(low)) or low in _NUMBER_WORDS
+    # "twenty-five" is a number; "two-page" is not (every part must be a number word)
+    return bool(_HAS_DIGIT.search(low)) or all(part in _NUMBER_WORDS for part in low.split("-"))
 
 
 # sentence-initial capitalised words that are not names ("Within the last ...", "During ...")
@@ -378,7 +386,7 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
             is_date = (any(w in _MONTH for w in words) or any(w in _DATE_UNITS for w in words)
                        # a bare year-like number is a count when a noun follows it ("1250 to 1750 adults")
                        or any(_YEARISH.match(w) for w in words) and not counted)
-            if has_digit or words[0] in _NUMBER_WORDS:
+            if has_digit or _is_numeric(toks[s]):
                 add(s, j, DATE if is_date else NUMBER)
                 for end in sorted({u, e} - {j}):
                     add(s, end, DATE if is_date else NUMBER)
@@ -400,6 +408,8 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                     j += 2
                 elif nxt.text.lower() in _CONNECTORS and j + 2 < n and _is_cap(toks[j + 2]) and _is_word(toks[j + 2]):
                     j += 2
+                elif _plural_possessive(toks, j) and j + 2 < n and _is_cap(toks[j + 2]) and _is_word(toks[j + 2]):
+                    j += 2  # "the German Peasants' War"
                 else:
                     break
             add(i, j, NAME)
@@ -407,7 +417,7 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 for k in range(i, j + 1):
                     if _is_cap(toks[k]) and not _is_stop(toks[k]) and not _is_initial(toks[k]):
                         add(k, k, NAME)
-                cuts = [k for k in range(i, j) if toks[k].text.endswith(("'s", "’s"))]
+                cuts = [k for k in range(i, j) if toks[k].text.endswith(("'s", "’s")) or _plural_possessive(toks, k)]
                 for a, b in zip([i] + [c + 1 for c in cuts], cuts + [j]):
                     if b > a:
                         add(a, b, NAME)

@@ -518,6 +518,16 @@ def test_a_quoted_term_is_a_candidate_whole():
     assert not any('"' in t or "“" in t for t in spans)
 
 
+def test_number_words_and_plural_possessives_in_names():
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("Beneath him are fourteen Vice Presidents and twenty-five "
+                                                        "deans, with a two-page charter.")}
+    assert kinds["fourteen"] == T.NUMBER and kinds["twenty-five"] == T.NUMBER
+    assert "two-page" not in kinds  # a hyphenated word is a number only when every part is one
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("Storch helped instigate the German Peasants' War of 1524.")}
+    assert kinds["German Peasants' War"] == T.NAME and kinds["German Peasants"] == T.NAME
+    assert "Peasants' War" not in {sp.text for sp in T.answer_spans("The peasants' War began.")}  # lower-case
+
+
 def test_a_list_of_names_is_a_name():
     """It answers "Who were the astronauts?" as one name does (kind_match), so its tail alone no longer wins."""
     s = "The crew consisted of Neil Armstrong, Michael Collins and Buzz Aldrin."
