@@ -125,7 +125,8 @@ _UNITS = set(
     """percent per cent million millions billion billions thousand thousands hundred hundreds trillion dozen
     years year months month weeks week days day hours hour minutes minute seconds second decades decade centuries century
     yr yrs km kilometers kilometres miles mile meters metres m cm mm kg g mg ml l feet ft inches metre meter tons tonnes
-    degrees °c °f people times species members""".split()
+    degrees °c °f people times species members
+    μm µm nm μg µg ng μl µl mmol μmol µmol kda mg/ml mg/kg μg/ml µg/ml ng/ml iu/ml""".split()
 )
 _DATE_UNITS = {"century", "centuries", "decade", "decades", "bc", "bce", "ad", "ce", "bp"}
 _ERAS = {"BC", "BCE", "AD", "CE", "BP"}
@@ -370,7 +371,8 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
             while j + 1 < n and (_is_numeric(toks[j + 1]) or toks[j + 1].text.lower() in _MONTH
                                  or (toks[j + 1].text in {"–", "-", "to"}
                                      or toks[j + 1].text == "and" and i > 0 and toks[i - 1].text.lower() == "between")
-                                 and j + 2 < n and _is_numeric(toks[j + 2])
+                                 # "1773 to 1775", "March to June 2010": a range runs on to a number or a month
+                                 and j + 2 < n and (_is_numeric(toks[j + 2]) or toks[j + 2].text.lower() in _MONTH)
                                  # "January 30, 2020": the year after a month and day's comma
                                  or toks[j + 1].text == "," and j + 2 < n and _YEARISH.match(toks[j + 2].text)
                                  and any(x.text.lower() in _MONTH for x in toks[i : j + 1])):
@@ -390,6 +392,12 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 add(s, j, DATE if is_date else NUMBER)
                 for end in sorted({u, e} - {j}):
                     add(s, end, DATE if is_date else NUMBER)
+                # each end of a range on its own ("March to June 2010" -> "March", "June 2010"): a question may
+                # ask when it began or ended
+                cuts = [k for k in range(i + 1, j) if toks[k].text in {"–", "-", "to", "and"}]
+                for a, b in zip([i] + [c + 1 for c in cuts], [c - 1 for c in cuts] + [j]) if cuts else []:
+                    if b >= a and (_HAS_DIGIT.search(toks[a].text) or _is_numeric(toks[a]) or toks[a].text.lower() in _MONTH):
+                        add(a, b, DATE if is_date else NUMBER)
             elif all(_is_cap(x) and x.text.lower() in _MONTH for x in toks[i : j + 1]) and (i > 0 or t.text != "May"):
                 add(i, j, DATE)  # a month alone ("in March") is a date, not a name ("May" opening a sentence may not be)
             i = j + 1

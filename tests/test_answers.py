@@ -528,6 +528,15 @@ def test_number_words_and_plural_possessives_in_names():
     assert "Peasants' War" not in {sp.text for sp in T.answer_spans("The peasants' War began.")}  # lower-case
 
 
+def test_ranges_run_across_months_and_keep_their_ends():
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("The survey ran from March to June 2010 in Sierra Leone.")}
+    assert kinds["March to June 2010"] == T.DATE and kinds["March"] == T.DATE and kinds["June 2010"] == T.DATE
+    spans = {sp.text for sp in T.answer_spans("Samples were taken from 1773 to 1775 and kept.")}
+    assert {"1773 to 1775", "1773", "1775"} <= spans
+    kinds = {sp.text: sp.kind for sp in T.answer_spans("A particle size between 1-5 μm is best; 0.2 mg/ml was used.")}
+    assert kinds["1-5 μm"] == T.NUMBER and kinds["0.2 mg/ml"] == T.NUMBER  # scientific units stay with the number
+
+
 def test_a_list_of_names_is_a_name():
     """It answers "Who were the astronauts?" as one name does (kind_match), so its tail alone no longer wins."""
     s = "The crew consisted of Neil Armstrong, Michael Collins and Buzz Aldrin."
