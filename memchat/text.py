@@ -453,11 +453,12 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
             i += 1
     for a, (i, j) in enumerate(runs):
         add(i, j, PHRASE)
-        # "the X of the Y", "X and Y": join with the next run across one or two connector words
+        # "the X of the Y", "X and Y", "areas controlled by Russia": join with the next run across one or two
+        # connector words
         if a + 1 < len(runs):
             i2, j2 = runs[a + 1]
             gap = [toks[k].text.lower() for k in range(j + 1, i2)]
-            if gap and len(gap) <= 2 and all(g in {"of", "the", "and", "a", "an", "in", "for", "'s", "’s"} for g in gap):
+            if gap and len(gap) <= 2 and all(g in {"of", "the", "and", "a", "an", "in", "for", "by", "'s", "’s"} for g in gap):
                 add(i, j2, PHRASE)
     # quoted: the words between quotation marks, whole (a term named or defined: the phrase "all possible
     # algorithms"), its stop words kept

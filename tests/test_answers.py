@@ -537,6 +537,11 @@ def test_ranges_run_across_months_and_keep_their_ends():
     assert kinds["1-5 μm"] == T.NUMBER and kinds["0.2 mg/ml"] == T.NUMBER  # scientific units stay with the number
 
 
+def test_a_phrase_joins_its_agent_across_by():
+    spans = {sp.text for sp in T.answer_spans("Germany had to withdraw from areas controlled by Russia in 1914.")}
+    assert "areas controlled by Russia" in spans and "areas controlled" in spans
+
+
 def test_a_list_of_names_is_a_name():
     """It answers "Who were the astronauts?" as one name does (kind_match), so its tail alone no longer wins."""
     s = "The crew consisted of Neil Armstrong, Michael Collins and Buzz Aldrin."
