@@ -339,10 +339,11 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                  lists: bool = False) -> list[Span]:
     """Candidate answers in ``sentence``: dates, numbers (with units), names and content phrases.
 
-    Spans never start or end on a stop word or punctuation, and never cross a comma,
-    semicolon or bracket (except inside a number). With ``clauses``, the longer stretches
-    between such marks (up to MAX_CLAUSE_WORDS words) are candidates too, of kind CLAUSE. With ``lists``,
-    enumerations ("A, B, and C") are too: a PHRASE up to ``max_words``, longer ones a CLAUSE (with ``clauses``).
+    Spans never start or end on a stop word or punctuation (but the words between quotation marks are also
+    taken whole), and never cross a comma, semicolon or bracket (except inside a number). With ``clauses``, the
+    longer stretches between such marks (up to MAX_CLAUSE_WORDS words) are candidates too, of kind CLAUSE. With
+    ``lists``, enumerations ("A, B, and C") are too: a PHRASE up to ``max_words`` (a NAME when every item is a
+    name), longer ones a CLAUSE (with ``clauses``).
     Duplicates (same offsets) are dropped;
     the order is by position.
     """
@@ -395,8 +396,9 @@ def answer_spans(sentence: str, max_words: int = MAX_SPAN_WORDS, clauses: bool =
                 # each end of a range on its own ("March to June 2010" -> "March", "June 2010"): a question may
                 # ask when it began or ended
                 cuts = [k for k in range(i + 1, j) if toks[k].text in {"–", "-", "to", "and"}]
-                for a, b in zip([i] + [c + 1 for c in cuts], [c - 1 for c in cuts] + [j]) if cuts else []:
-                    if b >= a and (_HAS_DIGIT.search(toks[a].text) or _is_numeric(toks[a]) or toks[a].text.lower() in _MONTH):
+                ends = zip([i] + [c + 1 for c in cuts], [c - 1 for c in cuts] + [j]) if cuts else ()
+                for a, b in ends:
+                    if b >= a and (_is_numeric(toks[a]) or toks[a].text.lower() in _MONTH):
                         add(a, b, DATE if is_date else NUMBER)
             elif all(_is_cap(x) and x.text.lower() in _MONTH for x in toks[i : j + 1]) and (i > 0 or t.text != "May"):
                 add(i, j, DATE)  # a month alone ("in March") is a date, not a name ("May" opening a sentence may not be)
