@@ -345,7 +345,8 @@ class RAGPipeline:
         """Fill ``a`` with the reader's span from its evidence (``hint``: see ``ExtractiveReader.read``)."""
         t0 = time.perf_counter()
         ev = a.evidence[: self.cfg.reader_sentences]
-        if ev and T.english_share(" ".join(e.sentence for e in ev)) < self.reader_cfg.min_english_share:
+        rc = self.reader_cfg
+        if ev and not T.reads_as_english(" ".join(e.sentence for e in ev), rc.min_english_share, rc.min_language_words):
             a.text, a.source, a.picked, a.confidence = ev[0].sentence, ev[0], SENTENCE, 0.0
             a.passage = self.passage(ev[0])
             a.model = "best evidence sentence (not English text: the reader picks phrases in English only)"

@@ -148,6 +148,11 @@ def test_english_share_tells_english_text_from_other_languages():
     assert T.english_share(" ".join(OXYGEN[0])) > 0.2
     assert T.english_share(" ".join(GERMAN[0])) < ReaderConfig().min_english_share
     assert T.english_share("") == 0.0
+    cfg = ReaderConfig()
+    assert not T.reads_as_english(" ".join(GERMAN[0]), cfg.min_english_share, cfg.min_language_words)
+    table = "Table 2 Age 45 (12.1) Male 23 (51%) Fever 31 Cough 27"  # figures and labels: no language to judge
+    assert T.english_share(table) < cfg.min_english_share
+    assert T.reads_as_english(table, cfg.min_english_share, cfg.min_language_words)
 
 
 def test_evidence_that_is_not_english_is_answered_with_its_best_sentence(tmp_path):
