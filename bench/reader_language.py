@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     from memchat.knowledge import KnowledgeBase
     from memchat.rag import SENTENCE, RAGPipeline
 
-    shipped = ReaderConfig().min_english_share
+    shipped_cfg = ReaderConfig()
+    shipped = shipped_cfg.min_english_share
     cfg = RAGConfig(mode="extractive")
 
     def store_of(pdfs: list[Path], name: str) -> KnowledgeBase:
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 hits, evidence, _, _ = rag.prepare(q)
                 text = " ".join(e.sentence for e in evidence[: cfg.reader_sentences])
                 shares.append(T.english_share(text))
-                fallbacks += not T.reads_as_english(text, shipped, ReaderConfig().min_language_words)
+                fallbacks += not T.reads_as_english(text, shipped, shipped_cfg.min_language_words)
             s = np.array(shares)
             rows.append([name, str(len(s)), f"{s.min():.2f}", f"{np.percentile(s, 5):.2f}", f"{np.median(s):.2f}",
                          str(fallbacks)])

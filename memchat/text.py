@@ -37,18 +37,21 @@ def _letter_words(text: str) -> list[str]:
     return [w for w in WORD.findall(text.lower()) if not any(c.isdigit() for c in w)]
 
 
+def _function_share(words: list[str]) -> float:
+    return sum(w in STOPWORDS for w in words) / len(words) if words else 0.0
+
+
 def english_share(text: str) -> float:
     """Share of ``text``'s words (numbers left out) that are English function words (``STOPWORDS``): about 0.35 to
     0.45 for English prose, near 0 for German, French or Japanese (config.ReaderConfig.min_english_share)."""
-    words = _letter_words(text)
-    return sum(w in STOPWORDS for w in words) / len(words) if words else 0.0
+    return _function_share(_letter_words(text))
 
 
 def reads_as_english(text: str, min_share: float, min_words: int) -> bool:
     """False only when ``text`` has ``min_words`` words (numbers left out) or more and too few English function
     words among them: a table of figures and labels says nothing about its language, and English is the default."""
-    words = _letter_words(text)
-    return len(words) < min_words or english_share(text) >= min_share
+    words = _letter_words(text)  # split once: the count and the share read the same words
+    return len(words) < min_words or _function_share(words) >= min_share
 
 
 def normalize(text: str) -> str:
