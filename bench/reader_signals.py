@@ -47,6 +47,8 @@ OTHER_SHOTS = (
     ("Aspirin reduces pain and fever by inhibiting the cyclooxygenase enzymes that make prostaglandins.",
      "How does aspirin reduce fever?", "by inhibiting the cyclooxygenase enzymes"),
 )
+# The dump both runs make: the shipped reader's fit (bench/fit_reader.py), its 24 best candidates scored by the LM.
+DUMP_ARGS = ["--train", "squad2", "--lm-rerank", "24", "--folds", "0"]
 _DO_AUX = {"did", "does", "do", "had", "has", "have", "will", "would", "could", "can", "should"}
 _BE = {"is", "was", "are", "were"}
 
@@ -85,8 +87,9 @@ def add_columns(rows: list[dict]) -> int:
         r["after"], r["redundancy"] = np.zeros(len(r["f1"])), np.zeros(len(r["f1"]))
         for k, (c, si) in enumerate(zip(r["cands"], r["si"])):
             s = r["sents"][si]
-            end = s.find(c) + len(c)
-            if after and end >= len(c):
+            start = s.find(c)
+            if after and start >= 0:
+                end = start + len(c)
                 following = [T.stem(t.text.lower()) for t in T.tokens(s) if t.start >= end and t.text[:1].isalnum()
                              and t.text.lower() not in _DETERMINERS][:len(after)]
                 r["after"][k] = T.slot_match(after, following)
@@ -97,9 +100,8 @@ def add_columns(rows: list[dict]) -> int:
 
 def make_dumps(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    common = ["--train", "squad2", "--lm-rerank", "24", "--folds", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, str(REPO / "bench" / "fit_reader.py"), *common, "--dump",
+    subprocess.run([sys.executable, str(REPO / "bench" / "fit_reader.py"), *DUMP_ARGS, "--dump",
                     str(folder / "shipped.json")], check=True, env=env)
     subprocess.run([sys.executable, __file__, "--other-shots-dump", str(folder / "other.json")], check=True, env=env)
 
@@ -115,8 +117,7 @@ def main(argv=None) -> int:
         import memchat.reader as R
 
         R.READER_SHOTS = OTHER_SHOTS
-        sys.argv = ["fit_reader.py", "--train", "squad2", "--lm-rerank", "24", "--folds", "0",
-                    "--dump", args.other_shots_dump]
+        sys.argv = ["fit_reader.py", *DUMP_ARGS, "--dump", args.other_shots_dump]
         runpy.run_path(str(REPO / "bench" / "fit_reader.py"), run_name="__main__")
         return 0
     if args.make_dumps:
