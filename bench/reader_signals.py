@@ -57,7 +57,7 @@ def after_slot_words(question: str, n: int = 2) -> list[str]:
     """The stems of the words after a what/which/who question word ("Who [founded the] university?"); []
     where the question does not keep them in the sentence's order (do-auxiliaries, how/why/when/where)."""
     from memchat import text as T
-    from memchat.text import _DETERMINERS
+    from memchat.text import DETERMINERS
 
     words = [t.text.lower() for t in T.tokens(question) if t.text[:1].isalnum()]
     for i, w in enumerate(words):
@@ -70,14 +70,14 @@ def after_slot_words(question: str, n: int = 2) -> list[str]:
             rest = words[j:]
             if not rest or rest[0] in _DO_AUX:
                 return []
-            return [T.stem(x) for x in rest if x not in _DETERMINERS][:n]
+            return [T.stem(x) for x in rest if x not in DETERMINERS][:n]
     return []
 
 
 def add_columns(rows: list[dict]) -> int:
     """Columns ``after`` and ``redundancy`` on every row; returns how many questions have after-slot words."""
     from memchat import text as T
-    from memchat.text import _DETERMINERS
+    from memchat.text import DETERMINERS
 
     fired = 0
     for r in rows:
@@ -91,7 +91,7 @@ def add_columns(rows: list[dict]) -> int:
             if after and start >= 0:
                 end = start + len(c)
                 following = [T.stem(t.text.lower()) for t in T.tokens(s) if t.start >= end and t.text[:1].isalnum()
-                             and t.text.lower() not in _DETERMINERS][:len(after)]
+                             and t.text.lower() not in DETERMINERS][:len(after)]
                 r["after"][k] = T.slot_match(after, following)
             nc = T.normalize_answer(c)
             r["redundancy"][k] = sum(1 for j, ns in enumerate(norm) if j != si and nc and f" {nc} " in ns)

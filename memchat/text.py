@@ -187,7 +187,7 @@ _DESCRIBE = re.compile(
 
 
 # Words skipped when the words around an answer's slot are compared: they vary between a question and its sentence.
-_DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "its", "their", "his", "her"}
+DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "its", "their", "his", "her"}
 _SLOT_WH = {"what", "which", "who", "whom", "whose", "when", "where"}
 _PREPOSITIONS = set("""about across after against along among around at before behind below beneath beside between beyond by
 during for from in inside into near of off on onto out outside over past since through throughout to toward towards under
@@ -221,7 +221,7 @@ def words_before(toks: Sequence["Token"], start: int, n: int = 2) -> list[str]:
 
 def _nearest_stems(words: Sequence[str], n: int) -> list[str]:
     """The stems of the last ``n`` lower-case ``words`` that are no determiner, last first."""
-    return [stem(w) for w in words if w not in _DETERMINERS][::-1][:n]
+    return [stem(w) for w in words if w not in DETERMINERS][::-1][:n]
 
 
 def slot_match(slot: Sequence[str], before: Sequence[str]) -> float:

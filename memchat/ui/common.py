@@ -109,6 +109,12 @@ def md_escape(text: str) -> str:
     return _AUTOLINK.sub(lambda m: "\\" + (m.group(1) or m.group(2)), text)
 
 
+def chat_question(placeholder: str) -> str | None:
+    """The question typed into the chat box, or None: nothing sent, or only blanks (a blank message asks nothing)."""
+    prompt = st.chat_input(placeholder)
+    return prompt if prompt and prompt.strip() else None
+
+
 def show_text(text: str, container=None) -> None:
     """Document or model text in a chat bubble: reads like prose, renders nothing."""
     (container or st).markdown(md_escape(text))

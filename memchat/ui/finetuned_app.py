@@ -14,8 +14,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from memchat.ui.common import (errors_shown, generation_settings, load_finetuned, md_escape, model_summary,
-                               require_login, show_text, stream_text)
+from memchat.ui.common import (chat_question, errors_shown, generation_settings, load_finetuned, md_escape,
+                               model_summary, require_login, show_text, stream_text)
 
 
 def render(model_dir: str | Path | None = None) -> None:
@@ -51,7 +51,7 @@ def render(model_dir: str | Path | None = None) -> None:
             if msg.get("caption"):
                 st.caption(msg["caption"])
 
-    if (prompt := st.chat_input("Ask the fine-tuned model")) and prompt.strip():  # a blank message asks nothing
+    if prompt := chat_question("Ask the fine-tuned model"):
         st.session_state.ft_messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)

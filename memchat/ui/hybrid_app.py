@@ -27,9 +27,9 @@ from memchat.config import GenerationConfig
 from memchat.errors import MemChatError
 from memchat.hybrid import DEFAULT_STRATEGY, STRATEGIES
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.common import (errors_shown, generation_settings, get_generator, load_finetuned, md_escape,
-                               model_summary, require_login, shared_knowledge_base, shared_rag_pipeline, show_sources,
-                               show_text, stream_text)
+from memchat.ui.common import (chat_question, errors_shown, generation_settings, get_generator, load_finetuned,
+                               md_escape, model_summary, require_login, shared_knowledge_base, shared_rag_pipeline,
+                               show_sources, show_text, stream_text)
 
 MODES = ["RAG", "Fine-tuned", "Hybrid", "Compare"]
 ROUTES = {  # HybridAnswer.route -> what the caption says produced the answer
@@ -165,7 +165,7 @@ def render() -> None:
 
                 hybrid = HybridPipeline(rag, chat, strategy=strategy)
 
-    if (prompt := st.chat_input("Ask a question about your documents")) and prompt.strip():  # a blank message asks nothing
+    if prompt := chat_question("Ask a question about your documents"):
         st.session_state.hybrid_messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)

@@ -16,8 +16,9 @@ import streamlit as st
 
 from memchat.config import GenerationConfig
 from memchat.knowledge import KnowledgeBase
-from memchat.ui.common import (errors_shown, get_generator, md_escape, require_login, shared_knowledge_base,
-                               shared_rag_pipeline, show_sources, show_text, split_oversized, stream_text)
+from memchat.ui.common import (chat_question, errors_shown, get_generator, md_escape, require_login,
+                               shared_knowledge_base, shared_rag_pipeline, show_sources, show_text, split_oversized,
+                               stream_text)
 
 
 def knowledge_base() -> KnowledgeBase:
@@ -88,7 +89,7 @@ def render() -> None:
             if msg.get("answer") is not None:
                 show_sources(msg["answer"])
 
-    if (prompt := st.chat_input("Ask a question about your documents")) and prompt.strip():  # a blank message asks nothing
+    if prompt := chat_question("Ask a question about your documents"):
         st.session_state.messages.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
             show_text(prompt)
