@@ -82,30 +82,16 @@ def main() -> None:
         gs = split_sentences(greedy[n]) or [greedy[n]]
         r = reader.read(q.question, gs, [1.0] * len(gs))
         rows["reader(greedy)"].append((T.contains_gold(r.answer, golds), T.token_f1(r.answer, golds)))
-        sents, seen = [], set()
         per_rec = [[norm(s) for s in (split_sentences(x) or [x])] for x in recs]
-        for x in recs:
-            for s in split_sentences(x) or [x]:
-                if norm(s) and norm(s) not in seen:
-                    seen.add(norm(s))
-                    sents.append(s)
-        if not sents:
-            for w in weights:
-                rows[f"reader(all), consistency {w:g}"].append((0.0, 0.0))
-            continue
-        share = [sum(norm(s) in pr for pr in per_rec) / len(recs) for s in sents]
+        sents = list({norm(s): s for x in recs for s in (split_sentences(x) or [x]) if norm(s)}.values())
+        share = [sum(norm(s) in pr for pr in per_rec) / len(recs) for s in sents]  # recitations holding it
         order = sorted(range(len(sents)), key=lambda i: -share[i])
         sents, share = [sents[i] for i in order], [share[i] for i in order]
-        cands, X, _ = reader.scored(q.question, sents, share)
-        if not cands:
-            for w in weights:
-                rows[f"reader(all), consistency {w:g}"].append((0.0, 0.0))
-            continue
-        base = X @ reader.w
+        cands, X, _ = reader.scored(q.question, sents, share) if sents else ([], None, None)
         padded = [f" {norm(x)} " for x in recs]
         support = np.array([sum(f" {norm(sp.text)} " in x for x in padded) / len(recs) for _, sp in cands])
         for w in weights:
-            pick = cands[int(np.argmax(base + w * support))][1].text
+            pick = cands[int(np.argmax(X @ reader.w + w * support))][1].text if cands else ""
             rows[f"reader(all), consistency {w:g}"].append((T.contains_gold(pick, golds), T.token_f1(pick, golds)))
         if (n + 1) % 20 == 0:
             print(f"  {n + 1}/{len(qs)}", file=sys.stderr, flush=True)
@@ -116,7 +102,7 @@ def main() -> None:
     for name, vals in rows.items():
         c = 100 * sum(v[0] for v in vals) / len(vals)
         f = 100 * sum(v[1] for v in vals) / len(vals)
-        print(f"{name:40s} {c:9.1f} {f if name != 'union contains' else float('nan'):6.1f}")
+        print(f"{name:40s} {c:9.1f} {'-' if name == 'union contains' else f'{f:.1f}':>6s}")
 
 
 if __name__ == "__main__":
