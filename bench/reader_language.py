@@ -100,7 +100,8 @@ def main(argv=None) -> int:
             rows.append([name, str(len(s)), f"{s.min():.2f}", f"{np.percentile(s, 5):.2f}", f"{np.median(s):.2f}",
                          str(fallbacks)])
             print(f"{name}: {len(s)} questions", file=sys.stderr)
-        print(table(["set", "questions", "min", "p5", "median", f"answered by sentence (below {shipped}, {shipped_cfg.min_language_words}+ words)"], rows,
+        fallback = f"answered by sentence (below {shipped}, {shipped_cfg.min_language_words}+ words)"
+        print(table(["set", "questions", "min", "p5", "median", fallback], rows,
                     title="1. English function-word share of the reader's evidence, English dev sets"))
 
     kb = store_of([NON_ENGLISH / f for f in PDFS], "non-english")

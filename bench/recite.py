@@ -6,8 +6,8 @@ The fine-tuned model answers a question with a sentence it learned (the training
 closed-book F1 is low even when the sentence holds the answer. "Recitation-augmented" answering (Sun et al. 2023,
 arXiv 2210.01296) lets the model recite first and answer from the recitation. Here the recitations are the model's
 greedy answer plus ``--samples`` sampled ones (each capped at ``--max-new-tokens``, as the closed-book eval), and
-the answer is the reader's span of them (``reader.ExtractiveReader``, weights as shipped, its LM the fine-tuned
-model itself): no document and no store is read, so it stays closed-book. Columns:
+the answer is the reader's span of them (``reader.ExtractiveReader``, weights as shipped, its spans scored by the
+fine-tuned or the base model: ``--scorer``): no document and no store is read, so it stays closed-book. Columns:
 
 - greedy: the model's greedy answer as it is (the closed-book row of ``bench/knowledge.py``, the baseline);
 - reader(greedy): the reader's span of the greedy answer;
@@ -62,28 +62,27 @@ def main() -> None:
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=True,
                            repetition_penalty=EVAL_REPETITION_PENALTY, batch_size=16) if args.samples else []
     t2 = time.perf_counter()
+    scorer = gen
     if args.scorer == "base":
         from memchat.generation import Generator
 
-        reader = build_reader(Generator(), None, ReaderConfig())
-    else:
-        reader = build_reader(gen, None, ReaderConfig())
+        scorer = Generator()
+    reader = build_reader(scorer, None, ReaderConfig())
     weights = [float(w) for w in args.weights.split(",")]
-    rows = {"greedy": [], "reader(greedy)": [], "union contains": []} | {f"reader(all), consistency {w:g}": [] for w in weights}
-
-    def norm(s: str) -> str:
-        return " ".join(T.normalize_answer(s).split())
+    rows = {"greedy": [], "reader(greedy)": [], "union contains": []}
+    rows |= {f"reader(all), consistency {w:g}": [] for w in weights}
+    norm = T.normalize_answer
 
     for n, q in enumerate(qs):
         recs = [greedy[n]] + [r.text for r in sampled[n * args.samples:(n + 1) * args.samples]]
         golds = q.answers
         rows["greedy"].append((T.contains_gold(greedy[n], golds), T.token_f1(greedy[n], golds)))
         rows["union contains"].append((max(T.contains_gold(r, golds) for r in recs), 0.0))
-        gs = split_sentences(greedy[n]) or [greedy[n]]
-        r = reader.read(q.question, gs, [1.0] * len(gs))
+        split = [split_sentences(x) or [x] for x in recs]  # each recitation's sentences; [0] is the greedy one's
+        r = reader.read(q.question, split[0], [1.0] * len(split[0]))
         rows["reader(greedy)"].append((T.contains_gold(r.answer, golds), T.token_f1(r.answer, golds)))
-        per_rec = [[norm(s) for s in (split_sentences(x) or [x])] for x in recs]
-        sents = list({norm(s): s for x in recs for s in (split_sentences(x) or [x]) if norm(s)}.values())
+        per_rec = [{norm(s): s for s in ss} for ss in split]
+        sents = list({k: v for pr in per_rec for k, v in pr.items() if k}.values())
         share = [sum(norm(s) in pr for pr in per_rec) / len(recs) for s in sents]  # recitations holding it
         order = sorted(range(len(sents)), key=lambda i: -share[i])
         sents, share = [sents[i] for i in order], [share[i] for i in order]
@@ -96,8 +95,8 @@ def main() -> None:
         if (n + 1) % 20 == 0:
             print(f"  {n + 1}/{len(qs)}", file=sys.stderr, flush=True)
     t3 = time.perf_counter()
-    print(f"{len(qs)} questions, {args.model_dir}, spans scored by the {args.scorer} model; greedy {t1 - t0:.0f} s, {args.samples} samples each "
-          f"{t2 - t1:.0f} s, reading {t3 - t2:.0f} s")
+    print(f"{len(qs)} questions, {args.model_dir}, spans scored by the {args.scorer} model; greedy {t1 - t0:.0f} s, "
+          f"{args.samples} samples each {t2 - t1:.0f} s, reading {t3 - t2:.0f} s")
     print(f"{'column':40s} {'contains':>9s} {'F1':>6s}")
     for name, vals in rows.items():
         c = 100 * sum(v[0] for v in vals) / len(vals)
