@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="Qwen/Qwen2.5-1.5B-Instruct", help="generation model (falls back to bundled)")
     p.add_argument("--top-k", default="", help="comma-separated chunks retrieved, each a row of its own "
                    "(default: RAGConfig.top_k)")
+    p.add_argument("--chunk-size", default="", help="comma-separated chunk sizes in characters, each a store and "
+                   "rows of its own; the overlap keeps ChunkConfig's share (default: ChunkConfig.chunk_size)")
     p.add_argument("--out", default="", help="write every report as JSON here")
     p.add_argument("--unanswerable-from", default="",
                    help="whose questions each store is asked as unanswerable, e.g. squad2=qa_dev,qa_dev=squad2 "
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from memchat.config import GenerationConfig, RAGConfig
+    from memchat.config import ChunkConfig, GenerationConfig, RAGConfig
     from memchat.evaluate import EvalConfig, RAGSystem, evaluate, load_questions
     from memchat.generation import Generator
     from memchat.knowledge import KnowledgeBase
@@ -88,16 +90,22 @@ def main(argv=None) -> int:
     generator = Generator(args.model)
     row_names = args.rows.split(",")
     top_ks = [int(k) for k in args.top_k.split(",") if k] or [0]
+    sizes = [int(c) for c in args.chunk_size.split(",") if c] or [0]
     table = []
     gates = []
     reports = {}
     others = {**OTHER, **dict(pair.split("=") for pair in args.unanswerable_from.split(",") if pair)}
-    for name in args.sets.split(","):
+    for name, size in [(n, c) for n in args.sets.split(",") for c in sizes]:
         home = Path(tempfile.mkdtemp(prefix=f"memchat-rq-{name}-"))
-        kb = KnowledgeBase(home / "store")
+        chunking = ChunkConfig()
+        if size:
+            overlap = round(size * chunking.chunk_overlap / chunking.chunk_size)
+            chunking = ChunkConfig(chunk_size=size, chunk_overlap=overlap)
+        kb = KnowledgeBase(home / "store", chunking=chunking)
         t0 = time.perf_counter()
         kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
-        print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks)", file=sys.stderr)
+        print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks of "
+              f"{chunking.chunk_size} characters)", file=sys.stderr)
         answerable = load_questions(SETS[name] / "qa.jsonl")
         unanswerable = sample(load_questions(SETS[others[name]] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
         for row, k in [(r, k) for r in row_names for k in top_ks]:
@@ -109,7 +117,9 @@ def main(argv=None) -> int:
             rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
                               mode=mode)
             resolved = rag.resolved_mode()
-            with_k = (lambda r: f"{r} k={cfg.top_k}") if len(top_ks) > 1 else (lambda r: r)  # noqa: E731
+            tags = [f"chunk {chunking.chunk_size}"] if len(sizes) > 1 else []
+            tags += [f"k={cfg.top_k}"] if len(top_ks) > 1 else []
+            with_k = lambda r: " ".join([r, *tags])  # noqa: E731
             label = with_k(row)
             same = next((m for n2, r, m in table if n2 == name and r == with_k(resolved) and row == "auto"), None)
             if same is not None:  # auto resolved to a row already measured: the same computation, not run twice
