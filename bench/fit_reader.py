@@ -256,15 +256,15 @@ def main(argv=None) -> int:
 
             generator = Generator(GenerationConfig.model_name)
         for name in args.sets.split(","):
-            home = tempfile.mkdtemp(prefix=f"memchat-fit-{name}-")
-            kb = KnowledgeBase(Path(home) / "store")
-            kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
-            cfg = RAGConfig()
-            if args.reader_sentences:
-                cfg.reader_sentences = args.reader_sentences
-            rag = RAGPipeline(kb, generator, rag=cfg)
-            reader = build_reader(generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
-            rows += collect(name, SETS[name], rag, reader, args.limit)
+            with tempfile.TemporaryDirectory(prefix=f"memchat-fit-{name}-") as home:  # the store and its key go after
+                kb = KnowledgeBase(Path(home) / "store")
+                kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
+                cfg = RAGConfig()
+                if args.reader_sentences:
+                    cfg.reader_sentences = args.reader_sentences
+                rag = RAGPipeline(kb, generator, rag=cfg)
+                reader = build_reader(generator, kb.idf, ReaderConfig(lm_rerank=args.lm_rerank))
+                rows += collect(name, SETS[name], rag, reader, args.limit)
     train = [r for r in rows if r["set"] in args.train.split(",")]
 
     def fit_on(part):

@@ -96,45 +96,47 @@ def main(argv=None) -> int:
     reports = {}
     others = {**OTHER, **dict(pair.split("=") for pair in args.unanswerable_from.split(",") if pair)}
     for name, size in [(n, c) for n in args.sets.split(",") for c in sizes]:
-        home = Path(tempfile.mkdtemp(prefix=f"memchat-rq-{name}-"))
-        chunking = ChunkConfig()
-        if size:
-            overlap = round(size * chunking.chunk_overlap / chunking.chunk_size)
-            chunking = ChunkConfig(chunk_size=size, chunk_overlap=overlap)
-        kb = KnowledgeBase(home / "store", chunking=chunking)
-        t0 = time.perf_counter()
-        kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
-        print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks of "
-              f"{chunking.chunk_size} characters)", file=sys.stderr)
-        answerable = load_questions(SETS[name] / "qa.jsonl")
-        unanswerable = sample(load_questions(SETS[others[name]] / "qa.jsonl", unanswerable=True), args.unanswerable_limit)
-        for row, k in [(r, k) for r in row_names for k in top_ks]:
-            cfg = RAGConfig(top_k=k or RAGConfig.top_k)
-            mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
-                    "auto": "auto"}[row]
-            if row == "baseline":
-                cfg.retrieval, cfg.min_relevance, cfg.min_support = "dense", 0.0, 0.0
-            rag = RAGPipeline(kb, generator, rag=cfg, generation=GenerationConfig(model_name=args.model, max_new_tokens=64),
-                              mode=mode)
-            resolved = rag.resolved_mode()
-            tags = [f"chunk {chunking.chunk_size}"] if len(sizes) > 1 else []
-            tags += [f"k={cfg.top_k}"] if len(top_ks) > 1 else []
-            with_k = lambda r: " ".join([r, *tags])  # noqa: E731
-            label = with_k(row)
-            same = next((m for n2, r, m in table if n2 == name and r == with_k(resolved) and row == "auto"), None)
-            if same is not None:  # auto resolved to a row already measured: the same computation, not run twice
-                table.append((name, with_k(f"auto (= {resolved})"), same))
-                continue
-            generates = resolved == "generative"
-            n = args.generative_limit if generates else args.limit
-            qs = sample(answerable, n) + sample(unanswerable, min(n, len(unanswerable)) if n else 0)
-            rep = evaluate(qs, [RAGSystem(rag)], EvalConfig(systems=("rag",), top_k=cfg.top_k),
-                           questions_file=f"{name}:{label}")
-            m = rep.systems["rag"]["metrics"]
-            reports[f"{name}:{label}"] = rep.to_dict()
-            table.append((name, label, m))
-            gates.append((name, label, cfg.min_relevance, gate_spread(qs, rep.rows["rag"])))
-            print(f"  {label}: done ({rep.seconds:.0f} s)", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix=f"memchat-rq-{name}-") as tmp:  # the store and its key go after
+            home = Path(tmp)
+            chunking = ChunkConfig()
+            if size:
+                overlap = round(size * chunking.chunk_overlap / chunking.chunk_size)
+                chunking = ChunkConfig(chunk_size=size, chunk_overlap=overlap)
+            kb = KnowledgeBase(home / "store", chunking=chunking)
+            t0 = time.perf_counter()
+            kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
+            print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks of "
+                  f"{chunking.chunk_size} characters)", file=sys.stderr)
+            answerable = load_questions(SETS[name] / "qa.jsonl")
+            unanswerable = sample(load_questions(SETS[others[name]] / "qa.jsonl", unanswerable=True),
+                                  args.unanswerable_limit)
+            for row, k in [(r, k) for r in row_names for k in top_ks]:
+                cfg = RAGConfig(top_k=k or RAGConfig.top_k)
+                mode = {"baseline": "generative", "extractive": "extractive", "generative+verify": "generative",
+                        "auto": "auto"}[row]
+                if row == "baseline":
+                    cfg.retrieval, cfg.min_relevance, cfg.min_support = "dense", 0.0, 0.0
+                rag = RAGPipeline(kb, generator, rag=cfg, mode=mode,
+                                  generation=GenerationConfig(model_name=args.model, max_new_tokens=64))
+                resolved = rag.resolved_mode()
+                tags = [f"chunk {chunking.chunk_size}"] if len(sizes) > 1 else []
+                tags += [f"k={cfg.top_k}"] if len(top_ks) > 1 else []
+                with_k = lambda r: " ".join([r, *tags])  # noqa: E731
+                label = with_k(row)
+                same = next((m for n2, r, m in table if n2 == name and r == with_k(resolved) and row == "auto"), None)
+                if same is not None:  # auto resolved to a row already measured: the same computation, not run twice
+                    table.append((name, with_k(f"auto (= {resolved})"), same))
+                    continue
+                generates = resolved == "generative"
+                n = args.generative_limit if generates else args.limit
+                qs = sample(answerable, n) + sample(unanswerable, min(n, len(unanswerable)) if n else 0)
+                rep = evaluate(qs, [RAGSystem(rag)], EvalConfig(systems=("rag",), top_k=cfg.top_k),
+                               questions_file=f"{name}:{label}")
+                m = rep.systems["rag"]["metrics"]
+                reports[f"{name}:{label}"] = rep.to_dict()
+                table.append((name, label, m))
+                gates.append((name, label, cfg.min_relevance, gate_spread(qs, rep.rows["rag"])))
+                print(f"  {label}: done ({rep.seconds:.0f} s)", file=sys.stderr)
 
     head = ["set", "row", "n (ans/unans)", "passage@k", "contains", "F1", "EM", "wrong+conf", "abstain (ans)",
             "abstain (unans)", "p50 s", "p95 s"]

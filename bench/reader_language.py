@@ -79,8 +79,11 @@ def main(argv=None) -> int:
     shipped = shipped_cfg.min_english_share
     cfg = RAGConfig(mode="extractive")
 
+    temps: list[tempfile.TemporaryDirectory] = []  # each store and its key, removed when the run ends
+
     def store_of(pdfs: list[Path], name: str) -> KnowledgeBase:
-        kb = KnowledgeBase(Path(tempfile.mkdtemp(prefix=f"memchat-lang-{name}-")) / "store")
+        temps.append(tempfile.TemporaryDirectory(prefix=f"memchat-lang-{name}-"))
+        kb = KnowledgeBase(Path(temps[-1].name) / "store")
         kb.add_documents(pdfs)
         return kb
 
@@ -122,6 +125,8 @@ def main(argv=None) -> int:
     n = len(QUESTIONS)
     print(f"\ncontains the gold: phrase reader {totals['phrase']}/{n}, shipped (sentence when not English) "
           f"{totals['fallback']}/{n}; abstained {totals['abstained']}/{n}; threshold {shipped}")
+    for t in temps:
+        t.cleanup()
     return 0
 
 
