@@ -1,6 +1,6 @@
-"""Study: does the noun a what/which question asks for pick the right span? Refitted on a dump of the reader's candidates.
+"""Study: does the noun a what/which question asks for pick the right span? Refitted on a candidates dump.
 
-    .venv/bin/python bench/fit_reader.py --train squad2 --lm-rerank 24 --dump /tmp/dump.json   # once, ~15 min
+    .venv/bin/python bench/fit_reader.py --train squad2 --lm-rerank 24 --dump /tmp/dump.json   # once, < 8 min
     .venv/bin/python bench/reader_head_noun.py --dump /tmp/dump.json                           # ~1 min
 
 "What profession were Ronald Robinson and John Gallagher?" asks for a profession, "Which region invented the
