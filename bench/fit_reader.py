@@ -203,6 +203,21 @@ def by_document_f1(train: list[dict], fit_on, k: int) -> tuple[float, int]:
     return total / max(1, len(train)), len(names)
 
 
+def refit_row(rows: list[dict], label: str, transform, by_document: int = 0) -> tuple[str, np.ndarray]:
+    """A reader study's table row: refit on squad2 with ``transform(row) -> feature rows`` as main() fits, then
+    span-choice F1 / contains on qa_dev and covid (held out) and squad2 (the fit's own), and squad2 held out: 2 folds
+    of questions, or ``by_document`` folds of articles. Returns the row and the weights fitted on all of squad2."""
+    rr = [{**r, "X": transform(r)} for r in rows]
+    nf = next(r["X"].shape[1] for r in rr if len(r["f1"]))
+    train = [r for r in rr if r["set"] == "squad2"]
+    w = fit(train, nf)
+    res = {s: quality([r for r in rr if r["set"] == s], w)[:2] for s in ("qa_dev", "squad2", "covid")}
+    fit_on = lambda fold: fit(fold, nf)  # noqa: E731
+    held = by_document_f1(train, fit_on, by_document)[0] if by_document else kfold_f1(train, fit_on)
+    return (f"| {label} | {res['qa_dev'][0]:.1f} / {res['qa_dev'][1]:.1f} | {res['squad2'][0]:.1f} / "
+            f"{res['squad2'][1]:.1f} | {held:.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |"), w
+
+
 def quality(rows: list[dict], w: np.ndarray) -> tuple[float, float, float]:
     f1 = cont = oracle = 0.0
     for r in rows:

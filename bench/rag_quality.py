@@ -97,12 +97,11 @@ def main(argv=None) -> int:
     others = {**OTHER, **dict(pair.split("=") for pair in args.unanswerable_from.split(",") if pair)}
     for name, size in [(n, c) for n in args.sets.split(",") for c in sizes]:
         with tempfile.TemporaryDirectory(prefix=f"memchat-rq-{name}-") as tmp:  # the store and its key go after
-            home = Path(tmp)
             chunking = ChunkConfig()
             if size:
                 overlap = round(size * chunking.chunk_overlap / chunking.chunk_size)
                 chunking = ChunkConfig(chunk_size=size, chunk_overlap=overlap)
-            kb = KnowledgeBase(home / "store", chunking=chunking)
+            kb = KnowledgeBase(Path(tmp) / "store", chunking=chunking)
             t0 = time.perf_counter()
             kb.add_documents(sorted((SETS[name] / "pdfs").glob("*.pdf")))
             print(f"{name}: ingested in {time.perf_counter() - t0:.1f} s ({len(kb.chunks())} chunks of "

@@ -37,20 +37,6 @@ _DO_AUX = re.compile(r"^\s*(what|who|whom|which\s+\w+|what\s+\w+)\s+(did|does|do
                      r"should)\b", re.IGNORECASE)
 
 
-def report(rows: list[dict], label: str, transform) -> str:
-    """Refit with ``transform(row) -> feature rows`` and score as fit_reader does."""
-    from fit_reader import fit, kfold_f1, quality
-
-    rr = [{**r, "X": transform(r)} for r in rows]
-    nf = next(r["X"].shape[1] for r in rr if len(r["f1"]))
-    train = [r for r in rr if r["set"] == "squad2"]
-    w = fit(train, nf)
-    res = {s: quality([r for r in rr if r["set"] == s], w)[:2] for s in ("qa_dev", "squad2", "covid")}
-    folds = kfold_f1(train, lambda fold: fit(fold, nf))
-    return (f"| {label} | {res['qa_dev'][0]:.1f} / {res['qa_dev'][1]:.1f} | {res['squad2'][0]:.1f} / "
-            f"{res['squad2'][1]:.1f} | {folds:.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |")
-
-
 def window_cloze(rows: list[dict], width: int) -> None:
     """Column ``w{width}``: cos(question, the span's window with the span replaced by "what")."""
     from memchat import text as T
@@ -101,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--dump", required=True, help="bench/fit_reader.py --dump output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fit_reader import load_dump
+    from fit_reader import load_dump, refit_row
 
     from memchat.reader import FEATURES
 
@@ -139,7 +125,7 @@ def main(argv=None) -> int:
                      ("+ slot x lm", product("slot", "lm")),
                      ("lm standardised within the question", within("lm", "z")),
                      ("lm as its rank within the question", within("lm", "rank"))]:
-        print(report(rows, label, t), flush=True)
+        print(refit_row(rows, label, t)[0], flush=True)
     return 0
 
 

@@ -72,26 +72,12 @@ def add_columns(rows: list[dict]) -> int:
     return fired
 
 
-def report(rows: list[dict], label: str, transform) -> str:
-    """Refit with ``transform(row) -> feature rows``; span-choice F1 / contains per set, squad2 by article."""
-    from fit_reader import by_document_f1, fit, quality
-
-    rr = [{**r, "X": transform(r)} for r in rows]
-    nf = next(r["X"].shape[1] for r in rr if len(r["f1"]))
-    train = [r for r in rr if r["set"] == "squad2"]
-    w = fit(train, nf)
-    res = {s: quality([r for r in rr if r["set"] == s], w)[:2] for s in ("qa_dev", "squad2", "covid")}
-    held, _ = by_document_f1(train, lambda fold: fit(fold, nf), 7)
-    return (f"| {label} | {res['qa_dev'][0]:.1f} / {res['qa_dev'][1]:.1f} | {res['squad2'][0]:.1f} / "
-            f"{res['squad2'][1]:.1f} | {held:.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dump", required=True, help="bench/fit_reader.py --dump output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fit_reader import load_dump
+    from fit_reader import load_dump, refit_row
 
     rows = load_dump(args.dump)
     fired = add_columns(rows)
@@ -107,7 +93,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for label, t in [("shipped", lambda r: r["X"]), ("+ noun_cos", add("noun_cos")), ("+ noun_in", add("noun_in")),
                      ("+ both", add("noun_cos", "noun_in"))]:
-        print(report(rows, label, t), flush=True)
+        print(refit_row(rows, label, t, by_document=7)[0], flush=True)
     return 0
 
 

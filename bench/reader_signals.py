@@ -126,8 +126,7 @@ def main(argv=None) -> int:
     if not (folder / "shipped.json").exists():
         p.error("give --make-dumps DIR, or --dumps DIR with the two dumps in it")
 
-    from fit_reader import by_document_f1, fit, load_dump
-    from reader_columns import report
+    from fit_reader import by_document_f1, fit, load_dump, refit_row
 
     from memchat.reader import FEATURES
 
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
         train = [{**r, "X": t(r)} for r in rows if r["set"] == "squad2"]
         nf = next(r["X"].shape[1] for r in train if len(r["f1"]))
         by_article, _ = by_document_f1(train, lambda fold: fit(fold, nf), 7)
-        print(f"{report(rows, label, t)} {by_article:.1f} |", flush=True)
+        print(f"{refit_row(rows, label, t)[0]} {by_article:.1f} |", flush=True)
     return 0
 
 

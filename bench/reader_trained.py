@@ -52,7 +52,7 @@ def noisy(q: str, rng) -> str:
 
 def make_data(out: str):
     from memchat.pdf import extract_pdf_file
-    from memchat.rag import _chunk_sentences
+    from memchat.chunking import split_sentences
     from memchat.restatements import MIN_SENTENCE_WORDS, choose_spans, wh_question
     from memchat.text import english_share
 
@@ -62,7 +62,8 @@ def make_data(out: str):
         for rel in PDFS:
             doc = extract_pdf_file(REPO.parent / "shared" / "data" / "pdfs" / rel)
             text = " ".join(p.text for p in doc.pages)
-            sents = [s for s in _chunk_sentences(text) if 6 <= len(s.split()) <= 60]
+            sents = [" ".join(s.split()) for s in split_sentences(text)]  # white space collapsed, as RAG's evidence
+            sents = [s for s in sents if MIN_SENTENCE_WORDS <= len(s.split()) <= 60]
             k = 0
             for i, s in enumerate(sents):
                 if english_share(s) < 0.15:
@@ -90,21 +91,11 @@ def encode(tok, qs, cs, ans=None):
     if ans is None:
         return enc
     starts, ends = [], []
-    for b, (a0, t) in enumerate(ans):
-        a1 = a0 + len(t)
-        seq = enc.sequence_ids(b)
-        s = e = 0
-        for j, (o, sid) in enumerate(zip(enc["offset_mapping"][b].tolist(), seq)):
-            if sid != 1:
-                continue
-            if o[0] <= a0 < o[1] or (s == 0 and o[0] >= a0):
-                s = s or j
-            if o[0] < a1 <= o[1] or (o[1] <= a1 and o[1] > o[0]):
-                e = j if o[0] < a1 else e
-        if s == 0 or e < s:
-            s = e = 0
-        starts.append(s)
-        ends.append(e)
+    for b, (a0, t) in enumerate(ans):  # the answer's first and last character's tokens; (0, 0) when truncated away
+        s = enc.char_to_token(b, a0, sequence_index=1)
+        e = enc.char_to_token(b, a0 + len(t) - 1, sequence_index=1)
+        starts.append(s if s is not None and e is not None else 0)
+        ends.append(e if s is not None and e is not None else 0)
     return enc, torch.tensor(starts), torch.tensor(ends)
 
 
@@ -169,7 +160,7 @@ def span_scores(model, tok, question, sents, cands, sis):
 
 def evaluate(model_dir: str, dump: str):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-    from fit_reader import by_document_f1, fit, load_dump, quality
+    from fit_reader import load_dump, refit_row
     from memchat.text import contains_gold, token_f1
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -191,20 +182,10 @@ def evaluate(model_dir: str, dump: str):
         print(f"{s}: QA model's own span F1 {100 * a[:, 0].mean():.1f} contains {100 * a[:, 1].mean():.1f}; "
               f"its pick among the reader's candidates F1 {100 * a[:, 2].mean():.1f}")
 
-    def report(label, transform):
-        rr = [{**r, "X": transform(r)} for r in rows]
-        nf = next(r["X"].shape[1] for r in rr if len(r["f1"]))
-        train_ = [r for r in rr if r["set"] == "squad2"]
-        w = fit(train_, nf)
-        res = {s: quality([r for r in rr if r["set"] == s], w)[:2] for s in ("qa_dev", "squad2", "covid")}
-        held, _ = by_document_f1(train_, lambda fold: fit(fold, nf), 7)
-        print(f"| {label} | {res['qa_dev'][0]:.1f} / {res['qa_dev'][1]:.1f} | {res['squad2'][0]:.1f} / "
-              f"{res['squad2'][1]:.1f} | {held:.1f} | {res['covid'][0]:.1f} / {res['covid'][1]:.1f} |", flush=True)
-        return w
-
     print("| columns | qa_dev (held out) | squad2 (train) | squad2 by article | covid (held out) |")
-    report("shipped", lambda r: r["X"])
-    w = report("+ qa", lambda r: np.hstack([r["X"], r["qa"].reshape(-1, 1)]))
+    print(refit_row(rows, "shipped", lambda r: r["X"], by_document=7)[0])
+    row, w = refit_row(rows, "+ qa", lambda r: np.hstack([r["X"], r["qa"].reshape(-1, 1)]), by_document=7)
+    print(row)
     print(f"the qa column's fitted weight: {w[-1]:.3f}")
 
 
