@@ -1,7 +1,7 @@
 """Study: decoding constrained to copy the evidence, as the answer and as a reader column. On a candidates dump.
 
     .venv/bin/python bench/fit_reader.py --train squad2 --lm-rerank 24 --dump /tmp/dump.json   # once, < 8 min
-    .venv/bin/python bench/reader_copy.py --dump /tmp/dump.json                                # ~5 min
+    .venv/bin/python bench/reader_copy.py --dump /tmp/dump.json                                # ~30 min (greedy ~6)
 
 Issue 8 names this way of picking the span: let the model write the answer, but allow at each step only the tokens
 that keep what it wrote a substring of the evidence (the reader's 3 sentences), and the end token once it stands on
@@ -136,12 +136,12 @@ def main(argv=None) -> int:
             cells.append(f"{f1:.1f} / {co:.1f}")
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
-    print("alone: F1 / contains")
-    print("| answer | qa_dev | squad2 | covid |")
-    print("|---|---|---|---|")
     def best(r, column):
         return r["cands"][int(np.argmax(column))] if len(r["f1"]) else ""
 
+    print("alone: F1 / contains")
+    print("| answer | qa_dev | squad2 | covid |")
+    print("|---|---|---|---|")
     alone("the best candidate (oracle)", [best(r, r["f1"]) for r in rows])
     alone("the LM column alone (argmax of lm)", [best(r, r["X"][:, lm]) for r in rows])
     copies = {}
