@@ -203,6 +203,17 @@ def by_document_f1(train: list[dict], fit_on, k: int) -> tuple[float, int]:
     return total / max(1, len(train)), len(names)
 
 
+def with_columns(*names: str):
+    """A ``refit_row`` transform: the shipped features plus each row's per-candidate columns ``names``."""
+    return lambda r: np.hstack([r["X"]] + [np.asarray(r[n]).reshape(-1, 1) for n in names])
+
+
+def refit_header(first: str = "columns", by_document: int = 0) -> str:
+    """The two header lines of a table of ``refit_row`` rows made with the same ``by_document``."""
+    held = f"squad2 by article, {by_document} folds" if by_document else "squad2 2-fold"
+    return f"| {first} | qa_dev (held out) | squad2 (train) | {held} | covid (held out) |\n|---|---|---|---|---|"
+
+
 def refit_row(rows: list[dict], label: str, transform, by_document: int = 0) -> tuple[str, np.ndarray]:
     """A reader study's table row: refit on squad2 with ``transform(row) -> feature rows`` as main() fits, then
     span-choice F1 / contains on qa_dev and covid (held out) and squad2 (the fit's own), and squad2 held out: 2 folds

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--dump", required=True, help="bench/fit_reader.py --dump output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fit_reader import load_dump, refit_row
+    from fit_reader import load_dump, refit_header, refit_row, with_columns
 
     from memchat.reader import FEATURES
 
@@ -97,9 +97,6 @@ def main(argv=None) -> int:
     window_cloze(rows, 8)
     fired = do_aux_slot(rows)
     print(f"do-aux slot fires on {fired} questions without a slot")
-
-    def add(*cols):
-        return lambda r: np.hstack([r["X"]] + [r[c].reshape(-1, 1) for c in cols])
 
     def product(a, b):
         return lambda r: np.hstack([r["X"], (r["X"][:, F[a]] * r["X"][:, F[b]]).reshape(-1, 1)])
@@ -116,10 +113,9 @@ def main(argv=None) -> int:
             return X
         return t
 
-    print("| change | qa_dev (held out) | squad2 (train) | squad2 2-fold | covid (held out) |")
-    print("|---|---|---|---|---|")
+    print(refit_header("change"))
     for label, t in [("shipped", lambda r: r["X"]),
-                     ("+ window cloze, 4 words", add("w4")), ("+ window cloze, 8 words", add("w8")),
+                     ("+ window cloze, 4 words", with_columns("w4")), ("+ window cloze, 8 words", with_columns("w8")),
                      ("do-aux slot", replaced("slot", "slot2")),
                      ("+ lm x pmi", product("lm", "pmi")), ("+ kind_match x lm", product("kind_match", "lm")),
                      ("+ slot x lm", product("slot", "lm")),

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="first N questions per set (0 = all)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fit_reader import load_dump, refit_row
+    from fit_reader import load_dump, refit_header, refit_row, with_columns
 
     from memchat.config import GenerationConfig
     from memchat.evaluate import contains_gold, token_f1
@@ -157,12 +157,10 @@ def main(argv=None) -> int:
         for r, a in zip(rows, answers):
             r[f"copy{b}"] = np.array([token_f1(c, [a]) if a else 0.0 for c in r["cands"]])
     print("\nrefitted with the copy column: F1 / contains (squad2 by article: F1)")
-    print("| columns | qa_dev (held out) | squad2 (train) | squad2 by article, 7 folds | covid (held out) |")
-    print("|---|---|---|---|---|")
-    print(refit_row(rows, "shipped", lambda r: r["X"], by_document=7)[0], flush=True)
+    print(refit_header(by_document=7))
+    print(refit_row(rows, "shipped", with_columns(), by_document=7)[0], flush=True)
     for b in copies:
-        t = lambda r, b=b: np.hstack([r["X"], r[f"copy{b}"].reshape(-1, 1)])  # noqa: E731
-        print(refit_row(rows, f"+ copy_f1, beam {b}", t, by_document=7)[0], flush=True)
+        print(refit_row(rows, f"+ copy_f1, beam {b}", with_columns(f"copy{b}"), by_document=7)[0], flush=True)
     return 0
 
 

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--dump", required=True, help="bench/fit_reader.py --dump output")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fit_reader import load_dump, refit_row
+    from fit_reader import load_dump, refit_header, refit_row, with_columns
 
     rows = load_dump(args.dump)
     fired = add_columns(rows)
@@ -86,13 +86,9 @@ def main(argv=None) -> int:
         if head_noun(r["q"]):
             print(f"  {head_noun(r['q'])!r:24} {r['q'][:80]}")
 
-    def add(*cols):
-        return lambda r: np.hstack([r["X"]] + [r[c].reshape(-1, 1) for c in cols])
-
-    print("| columns | qa_dev (held out) | squad2 (train) | squad2 by article, 7 folds | covid (held out) |")
-    print("|---|---|---|---|---|")
-    for label, t in [("shipped", lambda r: r["X"]), ("+ noun_cos", add("noun_cos")), ("+ noun_in", add("noun_in")),
-                     ("+ both", add("noun_cos", "noun_in"))]:
+    print(refit_header(by_document=7))
+    for label, t in [("shipped", with_columns()), ("+ noun_cos", with_columns("noun_cos")),
+                     ("+ noun_in", with_columns("noun_in")), ("+ both", with_columns("noun_cos", "noun_in"))]:
         print(refit_row(rows, label, t, by_document=7)[0], flush=True)
     return 0
 

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     if not (folder / "shipped.json").exists():
         p.error("give --make-dumps DIR, or --dumps DIR with the two dumps in it")
 
-    from fit_reader import by_document_f1, fit, load_dump, refit_row
+    from fit_reader import by_document_f1, fit, load_dump, refit_row, with_columns
 
     from memchat.reader import FEATURES
 
@@ -136,9 +136,6 @@ def main(argv=None) -> int:
     print(f"after-slot words in {add_columns(rows)} of {len(rows)} questions")
     lm = [FEATURES.index("lm"), FEATURES.index("pmi")]
 
-    def add(col):
-        return lambda r: np.hstack([r["X"], r[col].reshape(-1, 1)])
-
     def ensemble(r):
         X = r["X"].copy()
         X[:, lm] = (r["X"][:, lm] + r["X_other"][:, lm]) / 2
@@ -146,7 +143,7 @@ def main(argv=None) -> int:
 
     for r, o in zip(rows, other):
         r["X_other"] = o["X"]
-    table = [("shipped", lambda r: r["X"]), ("+ after-slot", add("after")), ("+ redundancy", add("redundancy")),
+    table = [("shipped", lambda r: r["X"]), ("+ after-slot", with_columns("after")), ("+ redundancy", with_columns("redundancy")),
              ("other worked examples", lambda r: r["X_other"]), ("prompt ensemble (mean of both)", ensemble)]
     print("| change | qa_dev (held out) | squad2 (train) | squad2 2-fold | covid (held out) | squad2 by article, 7 folds |")
     print("|---|---|---|---|---|---|")

@@ -160,7 +160,7 @@ def span_scores(model, tok, question, sents, cands, sis):
 
 def evaluate(model_dir: str, dump: str):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-    from fit_reader import load_dump, refit_row
+    from fit_reader import load_dump, refit_header, refit_row, with_columns
     from memchat.text import contains_gold, token_f1
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -182,9 +182,9 @@ def evaluate(model_dir: str, dump: str):
         print(f"{s}: QA model's own span F1 {100 * a[:, 0].mean():.1f} contains {100 * a[:, 1].mean():.1f}; "
               f"its pick among the reader's candidates F1 {100 * a[:, 2].mean():.1f}")
 
-    print("| columns | qa_dev (held out) | squad2 (train) | squad2 by article | covid (held out) |")
-    print(refit_row(rows, "shipped", lambda r: r["X"], by_document=7)[0])
-    row, w = refit_row(rows, "+ qa", lambda r: np.hstack([r["X"], r["qa"].reshape(-1, 1)]), by_document=7)
+    print(refit_header(by_document=7))
+    print(refit_row(rows, "shipped", with_columns(), by_document=7)[0])
+    row, w = refit_row(rows, "+ qa", with_columns("qa"), by_document=7)
     print(row)
     print(f"the qa column's fitted weight: {w[-1]:.3f}")
 
